@@ -1,0 +1,311 @@
+"""The multi-step SAM perturbation engine: pure torch on a list of parameters.
+
+Nothing here knows about the Trainer, so the engine is usable from a plain PyTorch or
+accelerate loop. One training step with k ascent steps is driven as::
+
+    engine.begin()                    # snapshot w, set aside accumulated grads
+    for i in range(k):
+        loss_fn().backward()          # gradient at w + d_{i-1} lands in p.grad
+        if not engine.ascend():       # move to w + d_i, clear p.grad
+            break                     # non-finite gradient: back at w, stop ascending
+    scale = engine.begin_descent()    # grads back in place (plus the "mean" sum)
+    (loss_fn() * scale).backward()    # descent gradient is *added* to p.grad
+    engine.restore()                  # weights copied back from the snapshot
+
+or all at once with :meth:`MultiStepAscent.step`. The hot path uses foreach kernels (a
+constant number of launches per ascent step) and reads one scalar back to the host per
+ascent step: the gradient norm, to skip non-finite ascents.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+_RULES = ("normalized", "projected", "accumulated")
+_DESCENTS = ("last", "mean")
+# Above this the single fused "p += (a/||g||) g" would overflow fp32; divide first instead.
+_MAX_FUSED_SCALE = 1e30
+
+
+def _global_norm(tensors: list[Tensor]) -> Tensor:
+    """Euclidean norm of a list of tensors, accumulated in float64 so huge values do not overflow."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    per_tensor = torch._foreach_norm(tensors, 2, dtype=torch.float64)
+    return torch.linalg.vector_norm(torch.stack(per_tensor))
+
+
+class MultiStepAscent:
+    """Takes k ascent steps on the weights and restores them, for multi-step SAM.
+
+    Args:
+        params: the parameters to perturb; those with ``requires_grad=False`` are ignored.
+        ascent_steps: k >= 1.
+        rho: radius of the neighbourhood.
+        ascent_rule: "normalized" (step rho/k), "projected" (step step_mult*rho, project onto
+            the rho-ball after every step) or "accumulated" (step rho, no projection).
+        step_mult: step size of "projected", in units of rho.
+        adaptive: ASAM. With T = |w| + adaptive_eta (w the unperturbed weights) each step is
+            a T^2 g / ||T g|| and "projected" projects onto ||d / T|| <= rho.
+        adaptive_eta: the eta of ASAM.
+        descent: "last" (descend with the gradient at w + d_k) or "mean" (with the mean of
+            the gradients at w + d_1 .. w + d_k).
+
+    After each training step the attributes ``grad_norms`` (host floats, one per ascent
+    step, in the rule's norm), ``perturbation_norm`` (||d_k||, a 0-d tensor, in the rule's
+    norm), ``skipped`` (a non-finite gradient norm dropped the perturbation) and
+    ``zero_gradient`` (a zero gradient left the weights unperturbed) describe it.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        ascent_steps: int = 1,
+        rho: float = 0.05,
+        ascent_rule: str = "normalized",
+        step_mult: float = 1.0,
+        adaptive: bool = False,
+        adaptive_eta: float = 0.01,
+        descent: str = "last",
+    ) -> None:
+        if ascent_rule not in _RULES:
+            raise ValueError(f"ascent_rule={ascent_rule!r} is invalid: allowed values are {', '.join(_RULES)}.")
+        if descent not in _DESCENTS:
+            raise ValueError(f"descent={descent!r} is invalid: allowed values are {', '.join(_DESCENTS)}.")
+        if int(ascent_steps) < 1:
+            raise ValueError(f"ascent_steps={ascent_steps!r} is invalid: the engine needs k >= 1.")
+        if not rho > 0 or not step_mult > 0 or adaptive_eta < 0:
+            raise ValueError("rho and step_mult must be > 0 and adaptive_eta >= 0.")
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("MultiStepAscent got no trainable parameters.")
+        self.ascent_steps = int(ascent_steps)
+        self.rho = float(rho)
+        self.ascent_rule = ascent_rule
+        self.step_mult = float(step_mult)
+        self.adaptive = bool(adaptive)
+        self.adaptive_eta = float(adaptive_eta)
+        self.descent = descent
+        if ascent_rule == "normalized":
+            self.step_size = self.rho / self.ascent_steps
+        elif ascent_rule == "projected":
+            self.step_size = self.rho * self.step_mult
+        else:
+            self.step_size = self.rho
+        self._backup: list[Tensor] | None = None  # the one fp32 copy of the weights, reused every step
+        self._held: list[Tensor | None] | None = None  # accumulated grads set aside during the ascent
+        self._scale: list[Tensor] | None = None  # ASAM's T, for this step only
+        self._mean_sum: list[Tensor | None] | None = None  # "mean": sum of grads at d_1..d_{k-1}
+        self._in_step = False
+        self._reset_step_state()
+
+    def _reset_step_state(self) -> None:
+        self.steps_taken = 0
+        self.moved = False
+        self.skipped = False
+        self.zero_gradient = False
+        self.grad_norms: list[float] = []
+        self.perturbation_norm: Tensor | None = None
+
+    # ----------------------------------------------------------------- step protocol
+    @torch.no_grad()
+    def begin(self) -> None:
+        """Snapshot the weights and set aside the gradients already accumulated in p.grad."""
+        if self._in_step:
+            raise RuntimeError("MultiStepAscent.begin() called twice without restore().")
+        if self._backup is None:
+            self._backup = [p.detach().clone() for p in self.params]
+        else:
+            torch._foreach_copy_(self._backup, [p.detach() for p in self.params])
+        self._held = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        if self.adaptive:
+            self._scale = torch._foreach_abs(self._backup)
+            torch._foreach_add_(self._scale, self.adaptive_eta)
+        self._mean_sum = None
+        self._reset_step_state()
+        self._in_step = True
+
+    @torch.no_grad()
+    def ascend(self) -> bool:
+        """Take one ascent step with the gradient in p.grad, then clear p.grad.
+
+        Returns True while the ascent goes on, False once a non-finite gradient norm has
+        dropped the perturbation (the weights are back at w; stop ascending and descend).
+        """
+        if not self._in_step:
+            raise RuntimeError("MultiStepAscent.ascend() called outside begin()/restore().")
+        self.steps_taken += 1
+        i = self.steps_taken
+        if i > self.ascent_steps:
+            raise RuntimeError(f"ascend() called more than ascent_steps={self.ascent_steps} times.")
+        idx = [j for j, p in enumerate(self.params) if p.grad is not None]
+        params = [self.params[j] for j in idx]
+        grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        if self.skipped:
+            return False
+        if self.descent == "mean" and i >= 2:
+            self._add_to_mean_sum(idx, grads)
+        if self.adaptive:
+            scale = [self._scale[j] for j in idx]
+            torch._foreach_mul_(grads, scale)  # u = T g
+        norm = _global_norm(grads).item()  # the one host sync of an ascent step
+        self.grad_norms.append(norm)
+        if not math.isfinite(norm):
+            self._drop_perturbation()
+            return False
+        if norm == 0.0:
+            # Nothing to climb along: this step does not move; the descent is a plain step if
+            # no earlier step moved.
+            self.zero_gradient = True
+        else:
+            if self.adaptive:
+                torch._foreach_mul_(grads, scale)  # T^2 g
+            factor = self.step_size / norm
+            if factor < _MAX_FUSED_SCALE:
+                torch._foreach_add_(params, grads, alpha=factor)
+            else:  # tiny norm: normalise first so the scale cannot overflow
+                torch._foreach_div_(grads, norm)
+                torch._foreach_add_(params, grads, alpha=self.step_size)
+            self.moved = True
+        del grads
+        if self.ascent_rule == "projected":
+            self._project()
+        elif i == self.ascent_steps:
+            self._measure_perturbation()
+        return True
+
+    @torch.no_grad()
+    def begin_descent(self) -> float:
+        """Put the accumulated gradients back in p.grad before the descent backward.
+
+        Returns the factor to multiply the descent loss by: 1 for "last", 1/k for "mean"
+        (p.grad then already holds (1/k) times the sum of the gradients at d_1..d_{k-1}).
+        """
+        if not self._in_step:
+            raise RuntimeError("MultiStepAscent.begin_descent() called outside begin()/restore().")
+        for p in self.params:
+            p.grad = None  # an ascent pass without a following ascend() leaves nothing behind
+        factor = 1.0
+        if self.descent == "mean" and not self.skipped and self.steps_taken == self.ascent_steps:
+            factor = 1.0 / self.ascent_steps
+            if self._mean_sum is not None:
+                for j, s in enumerate(self._mean_sum):
+                    if s is None:
+                        continue
+                    held = self._held[j]
+                    if held is None:
+                        self._held[j] = s.mul_(factor)
+                    else:
+                        held.add_(s, alpha=factor)
+        self._mean_sum = None
+        self._return_held_grads()
+        return factor
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy the weights back from the snapshot (bit-exact); safe to call after an error."""
+        if not self._in_step:
+            return
+        torch._foreach_copy_(self.params, self._backup)
+        if self._held is not None:  # an error struck before begin_descent(): undo the set-aside
+            for p in self.params:
+                p.grad = None
+            self._return_held_grads()
+        self._scale = None
+        self._mean_sum = None
+        self._in_step = False
+
+    def step(
+        self,
+        compute_loss: Callable[[], Tensor],
+        backward: Callable[[Tensor], None] | None = None,
+    ) -> Tensor:
+        """Run one full SAM step for a plain loop: k ascent passes, the descent pass, restore.
+
+        ``compute_loss`` runs a forward pass and returns the loss; ``backward`` defaults to
+        ``loss.backward()`` (pass ``accelerator.backward`` under accelerate). The descent
+        gradient is added to p.grad; call the optimizer afterwards. Returns the loss at w.
+        """
+        backward = backward or (lambda loss: loss.backward())
+        self.begin()
+        try:
+            clean = None
+            for _ in range(self.ascent_steps):
+                loss = compute_loss()
+                backward(loss)
+                if clean is None:
+                    clean = loss.detach()
+                if not self.ascend():
+                    break
+            factor = self.begin_descent()
+            loss = compute_loss()
+            backward(loss * factor if factor != 1.0 else loss)
+        finally:
+            self.restore()
+        return clean
+
+    # ----------------------------------------------------------------------- helpers
+    def _return_held_grads(self) -> None:
+        for p, g in zip(self.params, self._held):
+            p.grad = g
+        self._held = None
+
+    def _add_to_mean_sum(self, idx: list[int], grads: list[Tensor]) -> None:
+        if self._mean_sum is None:
+            self._mean_sum = [None] * len(self.params)
+        for j, g in zip(idx, grads):
+            s = self._mean_sum[j]
+            if s is None:
+                self._mean_sum[j] = g.clone()
+            else:
+                s.add_(g)
+
+    def _drop_perturbation(self) -> None:
+        """A non-finite ascent: go back to w and descend there, as a plain step."""
+        torch._foreach_copy_(self.params, self._backup)
+        self.skipped = True
+        self.moved = False
+        self._mean_sum = None
+        self.perturbation_norm = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
+
+    def _displacement(self) -> list[Tensor]:
+        """d = p - w, divided by T under ASAM (the norm the ball is defined in)."""
+        d = torch._foreach_sub([p.detach() for p in self.params], self._backup)
+        if self.adaptive:
+            torch._foreach_div_(d, self._scale)
+        return d
+
+    def _measure_perturbation(self) -> None:
+        if not self.moved:
+            self.perturbation_norm = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
+        elif self.ascent_steps == 1:
+            # one step of length a in the rule's norm: known without touching the weights
+            self.perturbation_norm = torch.full(
+                (), self.step_size, dtype=torch.float64, device=self.params[0].device
+            )
+        else:
+            self.perturbation_norm = _global_norm(self._displacement())
+
+    def _project(self) -> None:
+        """Project w + d onto ||d|| <= rho (||d/T|| under ASAM), without a host sync."""
+        if not self.moved:
+            self.perturbation_norm = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
+            return
+        d = self._displacement()
+        norm = _global_norm(d)
+        # c = min(1, rho/||d||); the division is safe because a moved point has ||d|| > 0
+        shrink = torch.clamp(self.rho / norm.clamp_min(1e-300), max=1.0)
+        self.perturbation_norm = norm * shrink
+        if self.adaptive:
+            torch._foreach_mul_(d, self._scale)  # back to weight units
+        torch._foreach_mul_(d, shrink.to(d[0].dtype))
+        torch._foreach_copy_(self.params, self._backup)
+        torch._foreach_add_(self.params, d)

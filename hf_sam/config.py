@@ -1,0 +1,110 @@
+"""SAMConfig: every multi-step SAM knob, validated in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+ASCENT_RULES = ("normalized", "projected", "accumulated")
+DESCENT_RULES = ("last", "mean")
+
+
+@dataclass
+class SAMConfig:
+    """The multi-step SAM hyper-parameters, without the ``sam_`` prefix of the CLI.
+
+    ascent_steps: k >= 0 ascent passes before the descent pass; 0 is plain training.
+    rho: radius of the neighbourhood (> 0 when k >= 1).
+    ascent_rule: "normalized" (step rho/k), "projected" (step step_mult*rho, then project
+        onto the rho-ball) or "accumulated" (step rho, no projection).
+    step_mult: step size of "projected" in units of rho.
+    adaptive: ASAM, scale by T = |w| + adaptive_eta elementwise.
+    descent: "last" (gradient at w+d_k) or "mean" (mean of the gradients at w+d_1..w+d_k).
+    sync_ascent: under DDP, all-reduce the ascent gradients (one perturbation for all ranks).
+    """
+
+    ascent_steps: int = 1
+    rho: float = 0.05
+    ascent_rule: str = "normalized"
+    step_mult: float = 1.0
+    adaptive: bool = False
+    adaptive_eta: float = 0.01
+    descent: str = "last"
+    sync_ascent: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, prefix: str = "") -> None:
+        """Raise a ValueError naming the field (with ``prefix``) and what is allowed."""
+
+        def fail(name: str, value: object, allowed: str) -> None:
+            raise ValueError(f"{prefix}{name}={value!r} is invalid: {allowed}.")
+
+        k = self.ascent_steps
+        if isinstance(k, bool) or not isinstance(k, int):
+            fail("ascent_steps", k, "it must be an integer >= 0 (0 = plain training)")
+        if k < 0:
+            fail("ascent_steps", k, "it must be an integer >= 0 (0 = plain training)")
+        for name in ("rho", "step_mult", "adaptive_eta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                fail(name, value, "it must be a number")
+            if value != value or value in (float("inf"), float("-inf")):
+                fail(name, value, "it must be finite")
+        if k >= 1 and not self.rho > 0:
+            fail("rho", self.rho, f"it must be > 0 when {prefix}ascent_steps >= 1")
+        if self.rho < 0:
+            fail("rho", self.rho, "it must be >= 0")
+        if self.ascent_rule not in ASCENT_RULES:
+            fail("ascent_rule", self.ascent_rule, f"allowed values are {', '.join(ASCENT_RULES)}")
+        if self.descent not in DESCENT_RULES:
+            fail("descent", self.descent, f"allowed values are {', '.join(DESCENT_RULES)}")
+        if not self.step_mult > 0:
+            fail("step_mult", self.step_mult, "it must be > 0")
+        if self.adaptive_eta < 0:
+            fail("adaptive_eta", self.adaptive_eta, "it must be >= 0")
+        for name in ("adaptive", "sync_ascent"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, getattr(self, name), "it must be True or False")
+        # Options that only mean something for another setting: refuse rather than ignore silently.
+        if self.step_mult != 1.0 and self.ascent_rule != "projected":
+            fail(
+                "step_mult",
+                self.step_mult,
+                f"it is used only by {prefix}ascent_rule='projected' (got {self.ascent_rule!r}); "
+                "leave it at 1.0 or switch the rule",
+            )
+        if k == 0 and self.descent == "mean":
+            fail("descent", self.descent, f"'mean' needs {prefix}ascent_steps >= 1")
+        if k == 0 and self.adaptive:
+            fail("adaptive", self.adaptive, f"ASAM needs {prefix}ascent_steps >= 1")
+
+    @classmethod
+    def from_fields(cls, prefix: str = "", **values: object) -> SAMConfig:
+        """Build and validate a config whose error messages name fields as ``prefix + name``."""
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"SAMConfig got unknown fields: {sorted(unknown)}")
+        config = cls.__new__(cls)
+        for f in fields(cls):
+            setattr(config, f.name, values.get(f.name, f.default))
+        config.validate(prefix)
+        return config
+
+    def engine_kwargs(self) -> dict:
+        """The keyword arguments of :class:`hf_sam.ascent.MultiStepAscent` for this config."""
+        kwargs = self.to_dict()
+        kwargs.pop("sync_ascent")
+        return kwargs
+
+    @property
+    def step_size(self) -> float:
+        """The length a of each ascent step, in the rule's norm."""
+        if self.ascent_rule == "normalized":
+            return self.rho / max(self.ascent_steps, 1)
+        if self.ascent_rule == "projected":
+            return self.rho * self.step_mult
+        return self.rho
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

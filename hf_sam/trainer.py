@@ -1,0 +1,261 @@
+"""SAMTrainer: the Trainer glue around the ascent engine.
+
+The Trainer keeps the optimizer, clipping, the scheduler and zeroing; SAMTrainer only
+overrides ``training_step`` to run the k ascent passes before the descent pass, and ``log``
+to add the ``sam/*`` metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from .args import SAMTrainingArguments
+from .ascent import MultiStepAscent
+from .config import SAMConfig
+
+logger = logging.getLogger(__name__)
+
+SAM_METRICS = (
+    "sam/loss_clean",
+    "sam/loss_perturbed",
+    "sam/sharpness",
+    "sam/grad_norm",
+    "sam/perturbation_norm",
+    "sam/skipped_ascents",
+    "sam/zero_gradient_ascents",
+)
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_stats(modules: list[nn.Module]) -> Iterator[None]:
+    """Run forward passes that use batch statistics but leave running statistics untouched.
+
+    With ``track_running_stats=False`` a training-mode BatchNorm normalizes with the batch
+    statistics exactly as before but neither updates running_mean/var nor counts the batch.
+    """
+    changed = [m for m in modules if m.track_running_stats]
+    for m in changed:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.track_running_stats = True
+
+
+@contextlib.contextmanager
+def _forced_ddp_sync(model: nn.Module) -> Iterator[None]:
+    """Re-enable DDP's all-reduce even inside the Trainer's no_sync (for ``sync_ascent``)."""
+    ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps DDP
+    if not isinstance(ddp, nn.parallel.DistributedDataParallel):
+        yield
+        return
+    previous = ddp.require_backward_grad_sync
+    ddp.require_backward_grad_sync = True
+    try:
+        yield
+    finally:
+        ddp.require_backward_grad_sync = previous
+
+
+class SAMTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains with multi-step Sharpness-Aware Minimization.
+
+    The SAM knobs come from :class:`SAMTrainingArguments` (``sam_*`` fields) or, with plain
+    ``TrainingArguments``, from ``sam_config``. With ``ascent_steps=0`` it is the stock Trainer.
+    """
+
+    def __init__(self, *args: Any, sam_config: SAMConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if sam_config is None:
+            sam_config = self.args.sam_config if isinstance(self.args, SAMTrainingArguments) else SAMConfig()
+        sam_config.validate()
+        self.sam_config = sam_config
+        self._sam_engine: MultiStepAscent | None = None
+        self._sam_bn_modules = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._reset_sam_metrics()
+        self.sam_skipped_ascents = 0  # totals over the whole run
+        self.sam_zero_gradient_ascents = 0
+        if sam_config.ascent_steps >= 1:
+            self._check_supported()
+
+    # ------------------------------------------------------------------ set-up checks
+    def _check_supported(self) -> None:
+        if self.is_deepspeed_enabled:
+            raise ValueError(
+                "SAMTrainer does not support DeepSpeed: its engine steps the optimizer inside "
+                "backward() and ZeRO-2/3 cannot skip gradient syncs, so the ascent passes would "
+                "update and all-reduce the weights. Use DDP (accelerate launch --multi_gpu) or "
+                "sam_ascent_steps=0."
+            )
+        if self.is_fsdp_enabled:
+            raise ValueError(
+                "SAMTrainer does not support FSDP yet: the ascent norms would be computed per "
+                "shard instead of over the whole model. Use DDP or sam_ascent_steps=0."
+            )
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                f"SAMTrainer does not support torch.nn.DataParallel ({self.args.n_gpu} GPUs in one "
+                "process): the ascent needs each pass's gradients in one place. Launch one process "
+                "per GPU with `accelerate launch --multi_gpu` (DDP) instead, or set "
+                "CUDA_VISIBLE_DEVICES to one GPU."
+            )
+        low = sorted(
+            {str(p.dtype) for p in self.model.parameters() if p.requires_grad}
+            - {str(torch.float32), str(torch.float64)}
+        )
+        if low:
+            raise ValueError(
+                f"SAMTrainer needs trainable weights in float32 (found {', '.join(low)}): a "
+                "perturbation of size rho/sqrt(n) per weight mostly rounds away in 16-bit weights. "
+                "Load the model in float32 and use bf16=True or fp16=True for mixed precision."
+            )
+
+    # --------------------------------------------------------------------- the step
+    def _engine(self) -> MultiStepAscent:
+        if self._sam_engine is None:
+            self._sam_engine = MultiStepAscent(self.model.parameters(), **self.sam_config.engine_kwargs())
+        return self._sam_engine
+
+    def _ascent_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        if self.sam_config.sync_ascent:
+            return _forced_ddp_sync(model)
+        # Per-device perturbation (m-sharpness): no all-reduce during the ascent, forward included.
+        return self.accelerator.no_sync(model)
+
+    def _forward_backward(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any, factor: float = 1.0
+    ) -> torch.Tensor:
+        """One forward+backward pass as the stock training_step does it; returns the scaled loss."""
+        with self.compute_loss_context_manager():
+            # compute_loss may pop labels: every pass gets its own shallow copy of the inputs
+            loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
+        if self.args.n_gpu > 1:
+            loss = loss.mean()
+        if self.loss_is_scaled_for_ga is not None:
+            scaled = self.loss_is_scaled_for_ga
+        else:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+        if not scaled:
+            loss = loss / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        self.accelerator.backward(loss * factor if factor != 1.0 else loss)
+        return loss.detach()
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """k ascent passes, then the descent pass at w + d_k; weights restored on return.
+
+        The descent gradient is added to p.grad like the stock step; the returned loss is the
+        clean loss at w (what the stock Trainer would report for this batch).
+        """
+        k = self.sam_config.ascent_steps
+        if k == 0:
+            return super().training_step(model, inputs, num_items_in_batch)
+        cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
+        with cp_context():
+            model.train()
+            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+                self.optimizer.train()
+            inputs = self._prepare_inputs(inputs)
+            engine = self._engine()
+            engine.begin()
+            try:
+                clean = None
+                for i in range(k):
+                    # only the first (clean) pass may update BatchNorm running statistics
+                    freeze = frozen_batchnorm_stats(self._sam_bn_modules) if i else contextlib.nullcontext()
+                    with self._ascent_context(model), freeze:
+                        loss = self._forward_backward(model, inputs, num_items_in_batch)
+                    if clean is None:
+                        clean = loss
+                    if not engine.ascend():
+                        break
+                factor = engine.begin_descent()
+                with frozen_batchnorm_stats(self._sam_bn_modules):
+                    perturbed = self._forward_backward(model, inputs, num_items_in_batch, factor)
+            finally:
+                engine.restore()
+        self._record_sam_step(engine, clean, perturbed)
+        return clean
+
+    # ------------------------------------------------------------------- logging
+    def _reset_sam_metrics(self) -> None:
+        self._sam_sums: dict[str, torch.Tensor | float] = {}
+        self._sam_micro_batches = 0
+        self._sam_last_logged_step = getattr(getattr(self, "state", None), "global_step", 0)
+
+    def _loss_scale(self) -> torch.Tensor | None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return getattr(scaler, "_scale", None)  # a device tensor: reading it does not sync
+
+    def _record_sam_step(self, engine: MultiStepAscent, clean: torch.Tensor, perturbed: torch.Tensor) -> None:
+        sums = self._sam_sums
+        first_norm = engine.grad_norms[0] if engine.grad_norms else 0.0
+        scale = self._loss_scale()
+        grad_norm = first_norm / scale.double() if scale is not None else first_norm  # fp16: unscale for the log
+        values = {
+            "sam/loss_clean": clean.double(),
+            "sam/loss_perturbed": perturbed.double(),
+            "sam/grad_norm": grad_norm if isinstance(grad_norm, float) else grad_norm.to(clean.device),
+            "sam/perturbation_norm": engine.perturbation_norm.to(clean.device)
+            if engine.perturbation_norm is not None
+            else 0.0,
+        }
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + value
+        self._sam_micro_batches += 1
+        self.sam_skipped_ascents += int(engine.skipped)
+        self.sam_zero_gradient_ascents += int(engine.zero_gradient and not engine.moved)
+        if engine.skipped:
+            logger.warning(
+                "SAM ascent skipped at step %d: non-finite gradient norm; descending at the "
+                "unperturbed weights.",
+                self.state.global_step,
+            )
+
+    def sam_log_metrics(self) -> dict[str, float]:
+        """The sam/* metrics averaged since the last call (and reset)."""
+        steps = max(self.state.global_step - self._sam_last_logged_step, 1)
+        n = self._sam_micro_batches
+        out: dict[str, float] = {}
+        if n:
+            sums = self._sam_sums
+            keys = ["sam/loss_clean", "sam/loss_perturbed", "sam/grad_norm", "sam/perturbation_norm"]
+            vec = torch.stack([torch.as_tensor(sums[key], dtype=torch.float64).reshape(()).cpu() for key in keys])
+            if self.accelerator.num_processes > 1:
+                vec = self.accelerator.reduce(vec.to(self.accelerator.device), reduction="mean").cpu()
+            # losses as the Trainer reports "loss": summed over micro-batches, averaged over steps
+            out["sam/loss_clean"] = float(vec[0]) / steps
+            out["sam/loss_perturbed"] = float(vec[1]) / steps
+            out["sam/sharpness"] = out["sam/loss_perturbed"] - out["sam/loss_clean"]
+            out["sam/grad_norm"] = float(vec[2]) / n
+            out["sam/perturbation_norm"] = float(vec[3]) / n
+        out["sam/skipped_ascents"] = float(self.sam_skipped_ascents)
+        out["sam/zero_gradient_ascents"] = float(self.sam_zero_gradient_ascents)
+        self._reset_sam_metrics()
+        self._sam_last_logged_step = self.state.global_step
+        return out
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        # Training logs (they carry "loss") get the sam/* metrics; evaluation logs do not.
+        if "loss" in logs and self.sam_config.ascent_steps >= 1:
+            logs.update(self.sam_log_metrics())
+        super().log(logs, *args, **kwargs)
+
+
+__all__ = ["SAMTrainer", "SAMTrainingArguments", "TrainingArguments", "frozen_batchnorm_stats"]

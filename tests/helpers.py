@@ -1,0 +1,64 @@
+"""Building trainers for the tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from hf_sam import SAMTrainer, SAMTrainingArguments
+
+BASE_ARGS = dict(
+    per_device_train_batch_size=4,
+    max_steps=1,
+    learning_rate=0.1,
+    optim="sgd",
+    lr_scheduler_type="constant",
+    weight_decay=0.0,
+    max_grad_norm=0.0,
+    report_to=[],
+    logging_steps=1,
+    save_strategy="no",
+    train_sampling_strategy="sequential",
+    use_cpu=True,
+    seed=0,
+    disable_tqdm=True,
+    dataloader_num_workers=0,
+)
+
+
+class WeightRecorder(TrainerCallback):
+    """Records the weights at the start of every optimizer step and at the end of training."""
+
+    def __init__(self):
+        self.before: list[dict] = []
+        self.final: dict | None = None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.before.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.final = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+class LogRecorder(TrainerCallback):
+    """What a report_to backend would receive."""
+
+    def __init__(self):
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def sam_trainer(tmp_path, model, data, callbacks=(), **overrides) -> SAMTrainer:
+    args = SAMTrainingArguments(output_dir=str(tmp_path), **{**BASE_ARGS, **overrides})
+    return SAMTrainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks))
+
+
+def plain_trainer(tmp_path, model, data, callbacks=(), **overrides) -> Trainer:
+    args = TrainingArguments(output_dir=str(tmp_path), **{**BASE_ARGS, **overrides})
+    return Trainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks))
+
+
+def params_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
