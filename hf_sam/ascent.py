@@ -254,14 +254,14 @@ class MultiStepAscent:
 
     # ----------------------------------------------------------------------- helpers
     def _return_held_grads(self) -> None:
-        for p, g in zip(self.params, self._held):
+        for p, g in zip(self.params, self._held, strict=True):
             p.grad = g
         self._held = None
 
     def _add_to_mean_sum(self, idx: list[int], grads: list[Tensor]) -> None:
         if self._mean_sum is None:
             self._mean_sum = [None] * len(self.params)
-        for j, g in zip(idx, grads):
+        for j, g in zip(idx, grads, strict=True):
             s = self._mean_sum[j]
             if s is None:
                 self._mean_sum[j] = g.clone()
@@ -288,9 +288,7 @@ class MultiStepAscent:
             self.perturbation_norm = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
         elif self.ascent_steps == 1:
             # one step of length a in the rule's norm: known without touching the weights
-            self.perturbation_norm = torch.full(
-                (), self.step_size, dtype=torch.float64, device=self.params[0].device
-            )
+            self.perturbation_norm = torch.full((), self.step_size, dtype=torch.float64, device=self.params[0].device)
         else:
             self.perturbation_norm = _global_norm(self._displacement())
 

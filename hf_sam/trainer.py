@@ -223,8 +223,7 @@ class SAMTrainer(Trainer):
         self.sam_zero_gradient_ascents += int(engine.zero_gradient and not engine.moved)
         if engine.skipped:
             logger.warning(
-                "SAM ascent skipped at step %d: non-finite gradient norm; descending at the "
-                "unperturbed weights.",
+                "SAM ascent skipped at step %d: non-finite gradient norm; descending at the unperturbed weights.",
                 self.state.global_step,
             )
 

@@ -39,8 +39,7 @@ def grad_at(vec, shapes, x, y):
     return g
 
 
-def sam_gradient(vec, shapes, x, y, k, rho, rule="normalized", step_mult=1.0, adaptive=False, eta=0.01,
-                 descent="last"):
+def sam_gradient(vec, shapes, x, y, k, rho, rule="normalized", step_mult=1.0, adaptive=False, eta=0.01, descent="last"):
     """The SAM descent gradient for one batch at weights ``vec``."""
     if k == 0:
         return grad_at(vec, shapes, x, y)

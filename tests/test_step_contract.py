@@ -34,8 +34,9 @@ def test_weights_bit_identical_and_descent_gradient_added(tmp_path, rule, adapti
     set_seed(1)
     model = TinyNet(dtype=torch.float32)
     rows = make_data(6, seed=3, dtype=torch.float32)
-    trainer = sam_trainer(tmp_path, model, rows, sam_ascent_steps=3, sam_rho=0.2, sam_ascent_rule=rule,
-                          sam_adaptive=adaptive)
+    trainer = sam_trainer(
+        tmp_path, model, rows, sam_ascent_steps=3, sam_rho=0.2, sam_ascent_rule=rule, sam_adaptive=adaptive
+    )
     held = {n: torch.randn_like(p) for n, p in model.named_parameters()}  # earlier micro-batches
     for n, p in model.named_parameters():
         p.grad = held[n].clone()
@@ -55,8 +56,17 @@ def test_zero_ascent_steps_is_bit_identical_to_trainer(tmp_path):
         model = TinyNet(dtype=torch.float32)
         data = make_data(24, dtype=torch.float32)
         rec = WeightRecorder()
-        trainer = make(tmp_path, model, data, [rec], optim="adamw_torch", max_steps=3,
-                       gradient_accumulation_steps=2, max_grad_norm=1.0, train_sampling_strategy="random")
+        trainer = make(
+            tmp_path,
+            model,
+            data,
+            [rec],
+            optim="adamw_torch",
+            max_steps=3,
+            gradient_accumulation_steps=2,
+            max_grad_norm=1.0,
+            train_sampling_strategy="random",
+        )
         trainer.train()
         runs.append((rec.final, [h.get("loss") for h in trainer.state.log_history]))
     assert params_equal(runs[0][0], runs[1][0])
@@ -70,8 +80,15 @@ def test_batchnorm_statistics_see_only_the_clean_pass(tmp_path, grad_accum):
     model = TinyNet(batchnorm=True)
     reference = copy.deepcopy(model).train()
     data = make_data(4 * grad_accum, seed=5)
-    trainer = sam_trainer(tmp_path, model, data, sam_ascent_steps=3, sam_rho=0.5,
-                          gradient_accumulation_steps=grad_accum, learning_rate=0.0)
+    trainer = sam_trainer(
+        tmp_path,
+        model,
+        data,
+        sam_ascent_steps=3,
+        sam_rho=0.5,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=0.0,
+    )
     trainer.train()
     with torch.no_grad():
         for m in range(grad_accum):
@@ -153,8 +170,14 @@ def test_sam_metrics_reach_the_logs(tmp_path):
     from .reference_sam import loss_at
 
     for step, entry in enumerate(train_logs):
-        for key in ("sam/loss_clean", "sam/loss_perturbed", "sam/sharpness", "sam/grad_norm",
-                    "sam/perturbation_norm", "sam/skipped_ascents"):
+        for key in (
+            "sam/loss_clean",
+            "sam/loss_perturbed",
+            "sam/sharpness",
+            "sam/grad_norm",
+            "sam/perturbation_norm",
+            "sam/skipped_ascents",
+        ):
             assert key in entry, key
         x, y = batch_of(data[4 * step : 4 * step + 4])
         w = flatten(rec.before[step])
@@ -174,8 +197,7 @@ def test_perturbation_norm_is_logged_per_rule(tmp_path, rule):
     set_seed(0)
     model = TinyNet()
     logs = LogRecorder()
-    trainer = sam_trainer(tmp_path, model, make_data(4), [logs], sam_ascent_steps=3, sam_rho=0.3,
-                          sam_ascent_rule=rule)
+    trainer = sam_trainer(tmp_path, model, make_data(4), [logs], sam_ascent_steps=3, sam_rho=0.3, sam_ascent_rule=rule)
     trainer.train()
     norm = [entry for entry in logs.logs if "loss" in entry][-1]["sam/perturbation_norm"]
     if rule == "accumulated":
@@ -195,8 +217,13 @@ def test_sam_config_overrides_plain_training_arguments(tmp_path):
     model = TinyNet()
     data = make_data(4)
     rec = WeightRecorder()
-    trainer = SAMTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), **BASE_ARGS),
-                         train_dataset=data, callbacks=[rec], sam_config=SAMConfig(ascent_steps=2, rho=0.3))
+    trainer = SAMTrainer(
+        model=model,
+        args=TrainingArguments(output_dir=str(tmp_path), **BASE_ARGS),
+        train_dataset=data,
+        callbacks=[rec],
+        sam_config=SAMConfig(ascent_steps=2, rho=0.3),
+    )
     trainer.train()
     x, y = batch_of(data)
     w = flatten(rec.before[0])

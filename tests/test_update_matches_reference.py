@@ -34,10 +34,18 @@ def run_and_check(tmp_path, k, grad_accum=1, steps=2, batch=4, **rule):
     data = make_data(n=batch * grad_accum * steps)
     recorder = WeightRecorder()
     trainer = sam_trainer(
-        tmp_path, model, data, [recorder],
-        max_steps=steps, per_device_train_batch_size=batch, gradient_accumulation_steps=grad_accum,
-        sam_ascent_steps=k, sam_rho=RHO, sam_ascent_rule=rule.get("rule", "normalized"),
-        sam_step_mult=rule.get("step_mult", 1.0), sam_adaptive=rule.get("adaptive", False),
+        tmp_path,
+        model,
+        data,
+        [recorder],
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=grad_accum,
+        sam_ascent_steps=k,
+        sam_rho=RHO,
+        sam_ascent_rule=rule.get("rule", "normalized"),
+        sam_step_mult=rule.get("step_mult", 1.0),
+        sam_adaptive=rule.get("adaptive", False),
         sam_descent=rule.get("descent", "last"),
     )
     trainer.train()
