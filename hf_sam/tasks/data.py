@@ -48,9 +48,12 @@ def load_raw_datasets(data_args: DataArguments, model_args: ModelArguments, kind
     raw = _normalise_labels(raw, data_args)
     if "validation" not in raw and "train" in raw:
         # hold out part of train, stratified and seeded, so train and validation never overlap
-        parts = raw["train"].train_test_split(
-            test_size=data_args.train_val_split, seed=seed, stratify_by_column="label"
-        )
+        try:
+            parts = raw["train"].train_test_split(
+                test_size=data_args.train_val_split, seed=seed, stratify_by_column="label"
+            )
+        except ValueError:  # a class too rare to stratify: plain seeded split
+            parts = raw["train"].train_test_split(test_size=data_args.train_val_split, seed=seed)
         raw["train"], raw["validation"] = parts["train"], parts["test"]
     if "test" in raw and _unlabelled(raw["test"]):
         logger.info("The test split has no labels (e.g. GLUE): --do_predict writes predictions without metrics.")
@@ -103,7 +106,7 @@ def _normalise_labels(raw, data_args: DataArguments):
         if "label" in any_split.column_names:
             raw = raw.remove_columns("label")
         raw = raw.rename_column(column, "label")
-    feature = any_split.features["label"]
+    feature = next(iter(raw.values())).features["label"]
     if isinstance(feature, datasets.ClassLabel):
         return raw
     if feature.dtype.startswith("int"):

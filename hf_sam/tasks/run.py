@@ -41,6 +41,8 @@ def build_compute_metrics(metric_names: tuple[str, ...]):
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         predicted = np.argmax(logits, axis=-1)
         out: dict[str, float] = {}
+        if prediction.label_ids is None:
+            return out
         for metric in metrics:
             out.update(metric.compute(predictions=predicted, references=prediction.label_ids))
         return out
@@ -115,7 +117,7 @@ def run_classification(
         prediction = trainer.predict(task.test_dataset, metric_key_prefix="predict")
         metrics = dict(prediction.metrics)
         metrics["predict_samples"] = len(task.test_dataset)
-        if np.all(np.asarray(prediction.label_ids) < 0):  # unlabelled test split: metrics mean nothing
+        if prediction.label_ids is None or np.all(np.asarray(prediction.label_ids) < 0):  # unlabelled: no metrics
             metrics = {k: v for k, v in metrics.items() if k.split("_", 1)[-1] not in ("accuracy", "f1")}
         trainer.log_metrics("predict", metrics)
         trainer.save_metrics("predict", metrics)

@@ -82,11 +82,14 @@ def prepare_text_task(model_args: ModelArguments, data_args: DataArguments, seed
         load_from_cache_file=not data_args.overwrite_cache,
         desc="Tokenizing",
     )
+    test = tokenized["test"] if "test" in tokenized else None
+    if test is not None and all(label < 0 for label in test["labels"]):
+        test = test.remove_columns("labels")  # unlabelled (GLUE): predict only
     return PreparedTask(
         model=model,
         train_dataset=tokenized["train"],
         eval_dataset=tokenized["validation"],
-        test_dataset=tokenized["test"] if "test" in tokenized else None,
+        test_dataset=test,
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         label_names=names,

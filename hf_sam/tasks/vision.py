@@ -42,7 +42,7 @@ class ImageTransform:
     def __call__(self, images: list[Any], generator: torch.Generator | None = None) -> torch.Tensor:
         batch = []
         for image in images:
-            x = torch.from_numpy(np.ascontiguousarray(to_uint8_array(image))).permute(2, 0, 1).float() / 255.0
+            x = torch.from_numpy(np.array(to_uint8_array(image))).permute(2, 0, 1).float() / 255.0
             if x.shape[0] != self.channels:
                 x = x.mean(0, keepdim=True) if self.channels == 1 else x[:1].expand(self.channels, -1, -1)
             if x.shape[1:] != (self.size, self.size):
@@ -145,7 +145,10 @@ def prepare_image_task(model_args: ModelArguments, data_args: DataArguments, see
 
     def attach(split, transform):
         def apply(batch):
-            return {"pixel_values": list(transform(batch[column])), "labels": batch["label"]}
+            out = {"pixel_values": list(transform(batch[column]))}
+            if all(label >= 0 for label in batch["label"]):  # unlabelled test splits carry -1
+                out["labels"] = batch["label"]
+            return out
 
         return split.with_transform(apply)
 
@@ -162,7 +165,7 @@ def prepare_image_task(model_args: ModelArguments, data_args: DataArguments, see
 
 
 def collate_images(rows: list[dict]) -> dict[str, torch.Tensor]:
-    return {
-        "pixel_values": torch.stack([row["pixel_values"] for row in rows]),
-        "labels": torch.tensor([row["labels"] for row in rows], dtype=torch.long),
-    }
+    batch = {"pixel_values": torch.stack([row["pixel_values"] for row in rows])}
+    if all("labels" in row for row in rows):
+        batch["labels"] = torch.tensor([row["labels"] for row in rows], dtype=torch.long)
+    return batch
