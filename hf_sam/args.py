@@ -45,6 +45,14 @@ class SAMTrainingArguments(TrainingArguments):
         metadata={"help": "DDP: all-reduce the ascent gradients instead of perturbing per device."},
     )
 
+    sam_diagnostics: bool = field(
+        default=False,
+        metadata={
+            "help": "Log the loss and gradient norm at every ascent point and the cosines between successive "
+            "ascent gradients and between the first ascent and the descent gradient (slower)."
+        },
+    )
+
     def __post_init__(self) -> None:
         # Validate the SAM knobs first: they are cheap and the error should come before anything else.
         self.sam_config  # noqa: B018 - raises ValueError naming the sam_* field
@@ -63,4 +71,5 @@ class SAMTrainingArguments(TrainingArguments):
             adaptive_eta=self.sam_adaptive_eta,
             descent=self.sam_descent,
             sync_ascent=self.sam_sync_ascent,
+            diagnostics=self.sam_diagnostics,
         )

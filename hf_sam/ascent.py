@@ -39,6 +39,12 @@ def _global_norm(tensors: list[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(per_tensor))
 
 
+def _cosine(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    dot = torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)]).sum()
+    denominator = _global_norm(a) * _global_norm(b)
+    return torch.where(denominator > 0, dot / denominator.clamp_min(1e-300), torch.zeros_like(dot))
+
+
 class MultiStepAscent:
     """Takes k ascent steps on the weights and restores them, for multi-step SAM.
 
@@ -54,6 +60,9 @@ class MultiStepAscent:
         adaptive_eta: the eta of ASAM.
         descent: "last" (descend with the gradient at w + d_k) or "mean" (with the mean of
             the gradients at w + d_1 .. w + d_k).
+        track_directions: also measure the cosine between successive ascent gradients and
+            between the first ascent gradient and the descent gradient (keeps two more copies
+            of the gradients; for diagnostics, not for speed).
 
     After each training step the attributes ``grad_norms`` (host floats, one per ascent
     step, in the rule's norm), ``perturbation_norm`` (||d_k||, a 0-d tensor, in the rule's
@@ -71,6 +80,7 @@ class MultiStepAscent:
         adaptive: bool = False,
         adaptive_eta: float = 0.01,
         descent: str = "last",
+        track_directions: bool = False,
     ) -> None:
         if ascent_rule not in _RULES:
             raise ValueError(f"ascent_rule={ascent_rule!r} is invalid: allowed values are {', '.join(_RULES)}.")
@@ -90,6 +100,7 @@ class MultiStepAscent:
         self.adaptive = bool(adaptive)
         self.adaptive_eta = float(adaptive_eta)
         self.descent = descent
+        self.track_directions = bool(track_directions)
         if ascent_rule == "normalized":
             self.step_size = self.rho / self.ascent_steps
         elif ascent_rule == "projected":
@@ -110,6 +121,11 @@ class MultiStepAscent:
         self.zero_gradient = False
         self.grad_norms: list[float] = []
         self.perturbation_norm: Tensor | None = None
+        self.successive_cosines: list[Tensor] = []  # with track_directions only
+        self.descent_cosine: Tensor | None = None
+        self._first_grad: list[Tensor] | None = None
+        self._prev_grad: list[Tensor] | None = None
+        self._pre_descent: list[Tensor | None] | None = None
 
     # ----------------------------------------------------------------- step protocol
     @torch.no_grad()
@@ -153,6 +169,8 @@ class MultiStepAscent:
             return False
         if self.descent == "mean" and i >= 2:
             self._add_to_mean_sum(idx, grads)
+        if self.track_directions:
+            self._track(idx, grads, i)
         if self.adaptive:
             scale = [self._scale[j] for j in idx]
             torch._foreach_mul_(grads, scale)  # u = T g
@@ -193,6 +211,9 @@ class MultiStepAscent:
             raise RuntimeError("MultiStepAscent.begin_descent() called outside begin()/restore().")
         for p in self.params:
             p.grad = None  # an ascent pass without a following ascend() leaves nothing behind
+        if self.track_directions and self._first_grad is not None:
+            # the accumulated grads before this batch, so the descent direction is p.grad minus these
+            self._pre_descent = [None if g is None else g.clone() for g in self._held]
         factor = 1.0
         if self.descent == "mean" and not self.skipped and self.steps_taken == self.ascent_steps:
             factor = 1.0 / self.ascent_steps
@@ -210,6 +231,18 @@ class MultiStepAscent:
         return factor
 
     @torch.no_grad()
+    def end_descent(self) -> None:
+        """With track_directions: measure cos(first ascent gradient, descent gradient) after the descent backward."""
+        if not self.track_directions or self._pre_descent is None or self._first_grad is None:
+            return
+        descent = []
+        for p, pre in zip(self.params, self._pre_descent, strict=True):
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            descent.append(g - pre if pre is not None else g)
+        self.descent_cosine = _cosine(self._first_grad, descent)
+        self._pre_descent = None
+
+    @torch.no_grad()
     def restore(self) -> None:
         """Copy the weights back from the snapshot (bit-exact); safe to call after an error."""
         if not self._in_step:
@@ -221,6 +254,7 @@ class MultiStepAscent:
             self._return_held_grads()
         self._scale = None
         self._mean_sum = None
+        self._first_grad = self._prev_grad = self._pre_descent = None
         self._in_step = False
 
     def step(
@@ -267,6 +301,16 @@ class MultiStepAscent:
                 self._mean_sum[j] = g.clone()
             else:
                 s.add_(g)
+
+    def _track(self, idx: list[int], grads: list[Tensor], i: int) -> None:
+        full = [torch.zeros_like(p) for p in self.params]
+        for j, g in zip(idx, grads, strict=True):
+            full[j] = g.detach().clone()
+        if self._prev_grad is not None:
+            self.successive_cosines.append(_cosine(self._prev_grad, full))
+        if i == 1:
+            self._first_grad = full
+        self._prev_grad = full
 
     def _drop_perturbation(self) -> None:
         """A non-finite ascent: go back to w and descend there, as a plain step."""

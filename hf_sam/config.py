@@ -20,6 +20,8 @@ class SAMConfig:
     adaptive: ASAM, scale by T = |w| + adaptive_eta elementwise.
     descent: "last" (gradient at w+d_k) or "mean" (mean of the gradients at w+d_1..w+d_k).
     sync_ascent: under DDP, all-reduce the ascent gradients (one perturbation for all ranks).
+    diagnostics: log the loss and gradient norm at every ascent point and the cosines between
+        the ascent and descent gradients (costs two gradient copies and a few reductions).
     """
 
     ascent_steps: int = 1
@@ -30,6 +32,7 @@ class SAMConfig:
     adaptive_eta: float = 0.01
     descent: str = "last"
     sync_ascent: bool = False
+    diagnostics: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -63,7 +66,7 @@ class SAMConfig:
             fail("step_mult", self.step_mult, "it must be > 0")
         if self.adaptive_eta < 0:
             fail("adaptive_eta", self.adaptive_eta, "it must be >= 0")
-        for name in ("adaptive", "sync_ascent"):
+        for name in ("adaptive", "sync_ascent", "diagnostics"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, getattr(self, name), "it must be True or False")
         # Options that only mean something for another setting: refuse rather than ignore silently.
@@ -95,6 +98,7 @@ class SAMConfig:
         """The keyword arguments of :class:`hf_sam.ascent.MultiStepAscent` for this config."""
         kwargs = self.to_dict()
         kwargs.pop("sync_ascent")
+        kwargs["track_directions"] = kwargs.pop("diagnostics")
         return kwargs
 
     @property

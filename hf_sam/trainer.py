@@ -22,6 +22,7 @@ from .config import SAMConfig
 
 logger = logging.getLogger(__name__)
 
+_CORE_METRICS = ("sam/grad_norm", "sam/loss_clean", "sam/loss_perturbed", "sam/perturbation_norm")
 SAM_METRICS = (
     "sam/loss_clean",
     "sam/loss_perturbed",
@@ -174,6 +175,7 @@ class SAMTrainer(Trainer):
             engine.begin()
             try:
                 clean = None
+                pass_losses = []  # L at w + d_0 .. w + d_k, for the diagnostics
                 for i in range(k):
                     # only the first (clean) pass may update BatchNorm running statistics
                     freeze = frozen_batchnorm_stats(self._sam_bn_modules) if i else contextlib.nullcontext()
@@ -181,19 +183,22 @@ class SAMTrainer(Trainer):
                         loss = self._forward_backward(model, inputs, num_items_in_batch)
                     if clean is None:
                         clean = loss
+                    pass_losses.append(loss)
                     if not engine.ascend():
                         break
                 factor = engine.begin_descent()
                 with frozen_batchnorm_stats(self._sam_bn_modules):
                     perturbed = self._forward_backward(model, inputs, num_items_in_batch, factor)
+                engine.end_descent()
             finally:
                 engine.restore()
-        self._record_sam_step(engine, clean, perturbed)
+        self._record_sam_step(engine, clean, perturbed, pass_losses)
         return clean
 
     # ------------------------------------------------------------------- logging
     def _reset_sam_metrics(self) -> None:
         self._sam_sums: dict[str, torch.Tensor | float] = {}
+        self._sam_counts: dict[str, int] = {}
         self._sam_micro_batches = 0
         self._sam_last_logged_step = getattr(getattr(self, "state", None), "global_step", 0)
 
@@ -203,7 +208,9 @@ class SAMTrainer(Trainer):
             return None
         return getattr(scaler, "_scale", None)  # a device tensor: reading it does not sync
 
-    def _record_sam_step(self, engine: MultiStepAscent, clean: torch.Tensor, perturbed: torch.Tensor) -> None:
+    def _record_sam_step(
+        self, engine: MultiStepAscent, clean: torch.Tensor, perturbed: torch.Tensor, pass_losses: list[torch.Tensor]
+    ) -> None:
         sums = self._sam_sums
         first_norm = engine.grad_norms[0] if engine.grad_norms else 0.0
         scale = self._loss_scale()
@@ -216,8 +223,11 @@ class SAMTrainer(Trainer):
             if engine.perturbation_norm is not None
             else 0.0,
         }
+        if self.sam_config.diagnostics:
+            values.update(self._diagnostic_values(engine, perturbed, pass_losses, scale))
         for key, value in values.items():
             sums[key] = sums.get(key, 0.0) + value
+            self._sam_counts[key] = self._sam_counts.get(key, 0) + 1
         self._sam_micro_batches += 1
         self.sam_skipped_ascents += int(engine.skipped)
         self.sam_zero_gradient_ascents += int(engine.zero_gradient and not engine.moved)
@@ -227,23 +237,45 @@ class SAMTrainer(Trainer):
                 self.state.global_step,
             )
 
+    def _diagnostic_values(
+        self, engine: MultiStepAscent, perturbed: torch.Tensor, pass_losses: list[torch.Tensor], scale
+    ) -> dict[str, object]:
+        """Loss at each ascent point d_i, gradient norm at each step, and the direction cosines."""
+        values: dict[str, object] = {}
+        # losses[i] = L(w + d_i); a step whose ascent stopped early has fewer points
+        for i, loss in enumerate([*pass_losses[1:], perturbed] if engine.moved else []):
+            values[f"sam/ascent_loss_{i + 1}"] = loss.double()
+        values["sam/ascent_loss_0"] = pass_losses[0].double()
+        for i, norm in enumerate(engine.grad_norms):
+            values[f"sam/ascent_grad_norm_{i + 1}"] = norm / scale.double() if scale is not None else norm
+        if engine.successive_cosines:
+            values["sam/cos_successive"] = torch.stack(engine.successive_cosines).mean()
+        if engine.descent_cosine is not None:
+            values["sam/cos_first_descent"] = engine.descent_cosine
+        return values
+
     def sam_log_metrics(self) -> dict[str, float]:
         """The sam/* metrics averaged since the last call (and reset)."""
         steps = max(self.state.global_step - self._sam_last_logged_step, 1)
         n = self._sam_micro_batches
         out: dict[str, float] = {}
         if n:
-            sums = self._sam_sums
-            keys = ["sam/loss_clean", "sam/loss_perturbed", "sam/grad_norm", "sam/perturbation_norm"]
-            vec = torch.stack([torch.as_tensor(sums[key], dtype=torch.float64).reshape(()).cpu() for key in keys])
+            # every rank has the core keys; the diagnostics may differ between ranks and stay local
+            keys = sorted(self._sam_sums, key=lambda key: (key not in _CORE_METRICS, key))
+            vec = torch.stack(
+                [torch.as_tensor(self._sam_sums[key], dtype=torch.float64).reshape(()).cpu() for key in keys]
+            )
             if self.accelerator.num_processes > 1:
-                vec = self.accelerator.reduce(vec.to(self.accelerator.device), reduction="mean").cpu()
-            # losses as the Trainer reports "loss": summed over micro-batches, averaged over steps
-            out["sam/loss_clean"] = float(vec[0]) / steps
-            out["sam/loss_perturbed"] = float(vec[1]) / steps
+                core = len(_CORE_METRICS)
+                reduced = self.accelerator.reduce(vec[:core].to(self.accelerator.device), reduction="mean").cpu()
+                vec = torch.cat([reduced, vec[core:]])
+            for key, total in zip(keys, vec.tolist(), strict=True):
+                if key.startswith(("sam/loss_", "sam/ascent_loss_")):
+                    # losses as the Trainer reports "loss": summed over micro-batches, averaged over steps
+                    out[key] = total / steps * n / self._sam_counts[key]
+                else:
+                    out[key] = total / self._sam_counts[key]
             out["sam/sharpness"] = out["sam/loss_perturbed"] - out["sam/loss_clean"]
-            out["sam/grad_norm"] = float(vec[2]) / n
-            out["sam/perturbation_norm"] = float(vec[3]) / n
         out["sam/skipped_ascents"] = float(self.sam_skipped_ascents)
         out["sam/zero_gradient_ascents"] = float(self.sam_zero_gradient_ascents)
         self._reset_sam_metrics()

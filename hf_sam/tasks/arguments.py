@@ -22,7 +22,9 @@ class ModelArguments:
     )
     config_overrides: str | None = field(
         default=None,
-        metadata={"help": "Comma-separated config overrides for --model_type, e.g. hidden_size=64,num_hidden_layers=2."},
+        metadata={
+            "help": "Comma-separated config overrides for --model_type, e.g. hidden_size=64,num_hidden_layers=2."
+        },
     )
     config_name: str | None = field(default=None, metadata={"help": "Config name or path, if not the model's."})
     tokenizer_name: str | None = field(

@@ -99,9 +99,7 @@ def _normalise_labels(raw, data_args: DataArguments):
     any_split = next(iter(raw.values()))
     column = data_args.label_column_name or next((c for c in LABEL_COLUMNS if c in any_split.column_names), None)
     if column is None:
-        raise ValueError(
-            f"No label column found among {any_split.column_names}; name it with --label_column_name."
-        )
+        raise ValueError(f"No label column found among {any_split.column_names}; name it with --label_column_name.")
     if column != "label":
         if "label" in any_split.column_names:
             raw = raw.remove_columns("label")

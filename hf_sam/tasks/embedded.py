@@ -61,9 +61,7 @@ def _image_dataset_dict(images: np.ndarray, labels: np.ndarray, names: list[str]
     splits = _split_indices(labels)
     return datasets.DatasetDict(
         {
-            name: datasets.Dataset.from_dict(
-                {"image": images[idx], "label": labels[idx].tolist()}, features=features
-            )
+            name: datasets.Dataset.from_dict({"image": images[idx], "label": labels[idx].tolist()}, features=features)
             for name, idx in splits.items()
         }
     )

@@ -11,7 +11,7 @@ from .hub import from_hub
 
 
 def parse_config_overrides(text: str | None) -> dict[str, Any]:
-    """"a=1,b=[16,32],c=gelu" -> {"a": 1, "b": [16, 32], "c": "gelu"} (commas inside brackets kept)."""
+    """ "a=1,b=[16,32],c=gelu" -> {"a": 1, "b": [16, 32], "c": "gelu"} (commas inside brackets kept)."""
     if not text:
         return {}
     items, depth, current = [], 0, ""

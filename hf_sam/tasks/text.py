@@ -9,7 +9,12 @@ from .vision import PreparedTask
 
 EMBEDDED_MODEL = "embedded:minilm"
 TEXT_COLUMNS = ("sentence", "text", "review", "content", "document")
-PAIR_COLUMNS = (("sentence1", "sentence2"), ("question", "sentence"), ("premise", "hypothesis"), ("question1", "question2"))
+PAIR_COLUMNS = (
+    ("sentence1", "sentence2"),
+    ("question", "sentence"),
+    ("premise", "hypothesis"),
+    ("question1", "question2"),
+)
 OFFLINE_MODEL = f"--model_name_or_path {EMBEDDED_MODEL} (or --model_type bert --tokenizer_name {EMBEDDED_MODEL})"
 
 
@@ -49,8 +54,16 @@ def prepare_text_task(model_args: ModelArguments, data_args: DataArguments, seed
         raise ValueError(f"A model built from a config needs --tokenizer_name (e.g. {EMBEDDED_MODEL}).")
     tokenizer = pretrained(AutoTokenizer, tokenizer_path, OFFLINE_MODEL, model_args)
     if model_path:
-        model = pretrained(AutoModelForSequenceClassification, model_path, OFFLINE_MODEL, model_args,
-                           ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **label_maps(names))
+        # config overrides also apply to a pretrained model (e.g. num_hidden_layers=1 keeps the first layer)
+        model = pretrained(
+            AutoModelForSequenceClassification,
+            model_path,
+            OFFLINE_MODEL,
+            model_args,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            **label_maps(names),
+            **parse_config_overrides(model_args.config_overrides),
+        )
     else:
         from transformers import set_seed
 

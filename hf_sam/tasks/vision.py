@@ -46,8 +46,9 @@ class ImageTransform:
             if x.shape[0] != self.channels:
                 x = x.mean(0, keepdim=True) if self.channels == 1 else x[:1].expand(self.channels, -1, -1)
             if x.shape[1:] != (self.size, self.size):
-                x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear", antialias=True,
-                                  align_corners=False)[0]
+                x = F.interpolate(
+                    x[None], size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+                )[0]
             if self.augment:
                 x = self._augment(x, generator)
             batch.append(x)
@@ -80,12 +81,26 @@ def default_config(model_type: str, size: int, channels: int):
 
     if model_type == "vit":
         patch = 2 if size <= 16 else 4
-        return ViTConfig(image_size=size, patch_size=patch, num_channels=channels, hidden_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        return ViTConfig(
+            image_size=size,
+            patch_size=patch,
+            num_channels=channels,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
     if model_type == "resnet":
-        return ResNetConfig(num_channels=channels, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1],
-                            layer_type="basic", downsample_in_first_stage=False)
+        return ResNetConfig(
+            num_channels=channels,
+            embedding_size=16,
+            hidden_sizes=[16, 32, 64],
+            depths=[1, 1, 1],
+            layer_type="basic",
+            downsample_in_first_stage=False,
+        )
     config = AutoConfig.for_model(model_type)
     for key, value in (("num_channels", channels), ("image_size", size)):
         if hasattr(config, key):
@@ -116,10 +131,20 @@ def prepare_image_task(model_args: ModelArguments, data_args: DataArguments, see
     native = to_uint8_array(raw["train"][0][column])
     processor = None
     if model_args.model_name_or_path:
-        model = pretrained(AutoModelForImageClassification, model_args.model_name_or_path, OFFLINE_MODEL, model_args,
-                           ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **label_maps(names))
-        processor = pretrained(AutoImageProcessor, model_args.image_processor_name or model_args.model_name_or_path,
-                               OFFLINE_MODEL, model_args)
+        model = pretrained(
+            AutoModelForImageClassification,
+            model_args.model_name_or_path,
+            OFFLINE_MODEL,
+            model_args,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            **label_maps(names),
+        )
+        processor = pretrained(
+            AutoImageProcessor,
+            model_args.image_processor_name or model_args.model_name_or_path,
+            OFFLINE_MODEL,
+            model_args,
+        )
         size_info = getattr(processor, "size", {}) or {}
         size = data_args.image_size or size_info.get("height") or size_info.get("shortest_edge") or native.shape[0]
         mean = list(getattr(processor, "image_mean", None) or [0.5] * 3)
