@@ -60,14 +60,14 @@ def _resume_target(training_args: SAMTrainingArguments) -> str | bool | None:
     return value
 
 
-def run_classification(
+def build_trainer(
     kind: str,
     model_args: ModelArguments,
     data_args: DataArguments,
     training_args: SAMTrainingArguments,
     callbacks: list | None = None,
-) -> dict[str, Any]:
-    """Train/evaluate/predict as asked by ``training_args``; returns all metrics (also in all_results.json)."""
+):
+    """The SAMTrainer and the prepared task (model, splits, collator) for one run."""
     from transformers import set_seed
 
     from .text import prepare_text_task
@@ -94,6 +94,18 @@ def run_classification(
     # Classification heads average their loss themselves and ignore num_items_in_batch: divide by the
     # accumulation steps as for any model whose loss is not already scaled.
     trainer.loss_is_scaled_for_ga = False
+    return trainer, task
+
+
+def run_classification(
+    kind: str,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: SAMTrainingArguments,
+    callbacks: list | None = None,
+) -> dict[str, Any]:
+    """Train/evaluate/predict as asked by ``training_args``; returns all metrics (also in all_results.json)."""
+    trainer, task = build_trainer(kind, model_args, data_args, training_args, callbacks)
     results: dict[str, Any] = {}
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=_resume_target(training_args))

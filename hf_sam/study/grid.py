@@ -1,0 +1,229 @@
+"""The ascent-steps study grid: tasks x methods x rho x seeds x budget, its presets and config files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+TINY_BERT = "hidden_size=64,num_hidden_layers=2,num_attention_heads=4,intermediate_size=128"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One data set with its model and training recipe, for the study."""
+
+    name: str
+    kind: str  # "image" or "text"
+    model: dict[str, Any]  # ModelArguments fields
+    data: dict[str, Any]  # DataArguments fields
+    training: dict[str, Any]  # SAMTrainingArguments fields (epochs, lr, batch size, ...)
+
+
+TASKS: dict[str, TaskSpec] = {
+    # embedded: no network, minutes on a CPU
+    "digits": TaskSpec("digits", "image", {"model_type": "vit"}, {"dataset_name": "embedded:digits"},
+                       {"num_train_epochs": 5, "learning_rate": 2e-3, "per_device_train_batch_size": 32}),
+    "mnist5k": TaskSpec("mnist5k", "image", {"model_type": "vit"}, {"dataset_name": "embedded:mnist5k"},
+                        {"num_train_epochs": 3, "learning_rate": 2e-3, "per_device_train_batch_size": 64}),
+    "rotten_tomatoes": TaskSpec(
+        "rotten_tomatoes", "text",
+        {"model_type": "bert", "tokenizer_name": "embedded:minilm", "config_overrides": TINY_BERT},
+        {"dataset_name": "embedded:rotten_tomatoes", "max_seq_length": 32, "max_train_samples": 2400},
+        {"num_train_epochs": 2, "learning_rate": 1e-3, "per_device_train_batch_size": 32},
+    ),
+    "rotten_tomatoes_minilm": TaskSpec(
+        "rotten_tomatoes_minilm", "text", {"model_name_or_path": "embedded:minilm"},
+        {"dataset_name": "embedded:rotten_tomatoes", "max_seq_length": 64},
+        {"num_train_epochs": 2, "learning_rate": 5e-5, "per_device_train_batch_size": 32},
+    ),
+    # hub, GPU scale (the paper preset)
+    "cifar10": TaskSpec("cifar10", "image", {"model_name_or_path": "google/vit-base-patch16-224-in21k"},
+                        {"dataset_name": "cifar10"},
+                        {"num_train_epochs": 3, "learning_rate": 2e-5, "per_device_train_batch_size": 64,
+                         "bf16": True}),
+    "cifar100": TaskSpec("cifar100", "image", {"model_name_or_path": "google/vit-base-patch16-224-in21k"},
+                         {"dataset_name": "cifar100"},
+                         {"num_train_epochs": 3, "learning_rate": 2e-5, "per_device_train_batch_size": 64,
+                          "bf16": True}),
+    "sst2": TaskSpec("sst2", "text", {"model_name_or_path": "bert-base-uncased"},
+                     {"dataset_name": "glue", "dataset_config_name": "sst2", "max_seq_length": 64},
+                     {"num_train_epochs": 3, "learning_rate": 2e-5, "per_device_train_batch_size": 32,
+                      "bf16": True}),
+}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """An optimizer setting: k ascent steps with a rule, descent and ASAM switch."""
+
+    name: str
+    ascent_steps: int
+    ascent_rule: str = "normalized"
+    descent: str = "last"
+    adaptive: bool = False
+
+    @property
+    def family(self) -> str:
+        """What a plot line is: the rule, or the variant for mean/ASAM."""
+        if self.ascent_steps == 0:
+            return "adamw"
+        if self.adaptive:
+            return "asam"
+        if self.descent == "mean":
+            return "mean"
+        return self.ascent_rule
+
+
+_METHOD = re.compile(r"^(normalized|projected|accumulated|mean|asam)-k(\d+)$")
+
+
+def parse_method(name: str) -> MethodSpec:
+    """adamw (k=0), sam (k=1), {normalized,projected,accumulated,mean,asam}-k<N>."""
+    if name == "adamw":
+        return MethodSpec(name, 0)
+    if name == "sam":
+        return MethodSpec(name, 1)
+    match = _METHOD.match(name)
+    if not match:
+        raise ValueError(
+            f"Unknown method {name!r}: use adamw, sam, or normalized|projected|accumulated|mean|asam-k<N>."
+        )
+    kind, k = match.group(1), int(match.group(2))
+    if k < 1:
+        raise ValueError(f"Method {name!r}: k must be >= 1.")
+    if kind == "mean":
+        return MethodSpec(name, k, descent="mean")
+    if kind == "asam":
+        return MethodSpec(name, k, adaptive=True)
+    return MethodSpec(name, k, ascent_rule=kind)
+
+
+QUICK_METHODS = ["adamw", "sam", "normalized-k2", "normalized-k3", "normalized-k5", "projected-k3",
+                 "accumulated-k3", "mean-k3", "asam-k1"]
+PAPER_METHODS = ["adamw", "sam"] + [f"{r}-k{k}" for r in ("normalized", "projected", "accumulated", "mean")
+                                    for k in (2, 3, 5)] + ["asam-k1", "asam-k3"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {"tasks": ["digits", "rotten_tomatoes"], "methods": QUICK_METHODS, "rhos": [0.05], "seeds": [0, 1],
+              "budgets": ["epochs", "compute"], "workers": 2, "measure_examples": 256,
+              "landscape_points": 21, "surface_points": 11},
+    "paper": {"tasks": ["cifar10", "cifar100", "sst2"], "methods": PAPER_METHODS, "rhos": [0.05, 0.1],
+              "seeds": [0, 1, 2], "budgets": ["epochs", "compute"], "workers": 1, "measure_examples": 1024,
+              "landscape_points": 31, "surface_points": 21},
+}
+
+
+@dataclass
+class StudyConfig:
+    """What the study runs. ``budgets``: "epochs" (every method the same epochs) and/or "compute"
+    (epochs scaled by 2/(k+1), so every method makes the forward+backward passes of SAM k=1)."""
+
+    preset: str = "quick"
+    tasks: list[str] = field(default_factory=lambda: list(PRESETS["quick"]["tasks"]))
+    methods: list[str] = field(default_factory=lambda: list(QUICK_METHODS))
+    rhos: list[float] = field(default_factory=lambda: [0.05])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    budgets: list[str] = field(default_factory=lambda: ["epochs", "compute"])
+    workers: int = 2
+    measure_examples: int = 256
+    landscape_points: int = 21
+    surface_points: int = 11
+    training_overrides: dict[str, Any] = field(default_factory=dict)
+    custom_tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any) -> StudyConfig:
+        if preset not in PRESETS:
+            raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+        values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+        config = cls(preset=preset, **values)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> StudyConfig:
+        """A YAML or JSON file with any StudyConfig fields (``preset`` picks the starting point)."""
+        import yaml
+
+        text = Path(path).read_text()
+        values = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: the study config must be a mapping of fields.")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown study fields {sorted(unknown)}; known: {sorted(known)}.")
+        preset = values.pop("preset", "quick")
+        return cls.from_preset(preset, **{**values, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def task(self, name: str) -> TaskSpec:
+        if name in self.custom_tasks:
+            spec = self.custom_tasks[name]
+            return TaskSpec(name, spec["kind"], spec.get("model", {}), spec.get("data", {}), spec.get("training", {}))
+        if name not in TASKS:
+            raise ValueError(f"Unknown task {name!r}; built in: {', '.join(TASKS)} (or define custom_tasks).")
+        return TASKS[name]
+
+    def validate(self) -> None:
+        for name in self.tasks:
+            self.task(name)
+        for name in self.methods:
+            parse_method(name)
+        for budget in self.budgets:
+            if budget not in ("epochs", "compute"):
+                raise ValueError(f"budget {budget!r}: use epochs and/or compute.")
+        if any(not r > 0 for r in self.rhos):
+            raise ValueError(f"rhos={self.rhos}: every rho must be > 0.")
+        if self.workers < 1:
+            raise ValueError("workers must be >= 1.")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty.")
+
+    def runs(self) -> list[RunSpec]:
+        """The grid, without duplicates (k=1 is the same run under both budgets; k=0 ignores rho)."""
+        seen: dict[str, RunSpec] = {}
+        for task in self.tasks:
+            spec = self.task(task)
+            base_epochs = float({**spec.training, **self.training_overrides}.get("num_train_epochs", 1))
+            for method_name in self.methods:
+                method = parse_method(method_name)
+                for rho in self.rhos if method.ascent_steps else [self.rhos[0]]:
+                    for budget in self.budgets:
+                        epochs = base_epochs * (2.0 / (method.ascent_steps + 1) if budget == "compute" else 1.0)
+                        for seed in self.seeds:
+                            run = RunSpec(task, method_name, rho, seed, budget, round(epochs, 4), base_epochs)
+                            seen.setdefault(run.run_id, run)
+        return list(seen.values())
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the grid."""
+
+    task: str
+    method: str
+    rho: float
+    seed: int
+    budget: str
+    epochs: float
+    base_epochs: float
+
+    def in_budget(self, budget: str) -> bool:
+        """Whether this run is the method's run under ``budget`` (k=1 is in both)."""
+        k = parse_method(self.method).ascent_steps
+        want = self.base_epochs * (2.0 / (k + 1) if budget == "compute" else 1.0)
+        return abs(self.epochs - round(want, 4)) < 1e-9
+
+    @property
+    def run_id(self) -> str:
+        # the budget only matters through the epochs, so equal runs share one id
+        key = json.dumps([self.task, self.method, self.rho, self.seed, self.epochs])
+        digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+        return f"{self.task}__{self.method}__rho{self.rho:g}__ep{self.epochs:g}__s{self.seed}__{digest}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "run_id": self.run_id}
