@@ -93,7 +93,7 @@ def worst_case_loss(
                         _random_start(params, rho, generator)
                     for _ in range(steps):
                         loss = loss_fn(model, batch)
-                        worst = max(worst, float(loss))
+                        worst = max(worst, float(loss.detach()))
                         loss.backward()
                         if not engine.ascend():
                             break

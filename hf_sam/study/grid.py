@@ -26,14 +26,14 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     # embedded: no network, minutes on a CPU
     "digits": TaskSpec("digits", "image", {"model_type": "vit"}, {"dataset_name": "embedded:digits"},
-                       {"num_train_epochs": 5, "learning_rate": 2e-3, "per_device_train_batch_size": 32}),
+                       {"num_train_epochs": 8, "learning_rate": 2e-3, "per_device_train_batch_size": 32}),
     "mnist5k": TaskSpec("mnist5k", "image", {"model_type": "vit"}, {"dataset_name": "embedded:mnist5k"},
                         {"num_train_epochs": 3, "learning_rate": 2e-3, "per_device_train_batch_size": 64}),
     "rotten_tomatoes": TaskSpec(
         "rotten_tomatoes", "text",
         {"model_type": "bert", "tokenizer_name": "embedded:minilm", "config_overrides": TINY_BERT},
-        {"dataset_name": "embedded:rotten_tomatoes", "max_seq_length": 32, "max_train_samples": 2400},
-        {"num_train_epochs": 2, "learning_rate": 1e-3, "per_device_train_batch_size": 32},
+        {"dataset_name": "embedded:rotten_tomatoes", "max_seq_length": 32},
+        {"num_train_epochs": 3, "learning_rate": 1e-3, "per_device_train_batch_size": 32},
     ),
     "rotten_tomatoes_minilm": TaskSpec(
         "rotten_tomatoes_minilm", "text", {"model_name_or_path": "embedded:minilm"},
