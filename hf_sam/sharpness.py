@@ -231,8 +231,9 @@ def hessian_trace(
     return TraceResult(mean, math.sqrt(var / len(values)), len(values))
 
 
-def batches_from(dataset: Any, collate: Callable, batch_size: int, limit: int | None = None,
-                 device: torch.device | str = "cpu") -> list[Any]:
+def batches_from(
+    dataset: Any, collate: Callable, batch_size: int, limit: int | None = None, device: torch.device | str = "cpu"
+) -> list[Any]:
     """A fixed list of collated batches (the first ``limit`` examples) on ``device``."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
     out = []
@@ -241,4 +242,3 @@ def batches_from(dataset: Any, collate: Callable, batch_size: int, limit: int | 
         batch = collate(rows)
         out.append({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
     return out
-

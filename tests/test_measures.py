@@ -126,8 +126,9 @@ def test_hessian_through_attention_models():
     from transformers import BertConfig, BertForSequenceClassification, set_seed
 
     set_seed(0)
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, num_labels=2)
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=2
+    )
     model = BertForSequenceClassification(config)
     batch = {"input_ids": torch.randint(0, 50, (4, 7)), "labels": torch.tensor([0, 1, 0, 1])}
     eig = sharpness.hessian_top_eigenvalue(model, sharpness.hf_loss, [batch], max_iterations=5)

@@ -24,8 +24,14 @@ def test_methods_parse():
 
 
 def test_grid_dedupes_and_scales_compute():
-    config = StudyConfig.from_preset("quick", tasks=["digits"], methods=["adamw", "sam", "normalized-k3"],
-                                     seeds=[0], rhos=[0.05, 0.1], budgets=["epochs", "compute"])
+    config = StudyConfig.from_preset(
+        "quick",
+        tasks=["digits"],
+        methods=["adamw", "sam", "normalized-k3"],
+        seeds=[0],
+        rhos=[0.05, 0.1],
+        budgets=["epochs", "compute"],
+    )
     runs = config.runs()
     ids = [r.run_id for r in runs]
     assert len(ids) == len(set(ids))
@@ -53,9 +59,19 @@ def test_config_file_and_errors(tmp_path):
 
 def test_tiny_study_end_to_end_with_resume(tmp_path, monkeypatch):
     config_file = tmp_path / "tiny.json"
-    config_file.write_text(json.dumps({
-        "preset": "quick", "tasks": ["digits"], "methods": ["adamw", "sam", "normalized-k2"], "seeds": [0, 1],
-        "budgets": ["epochs", "compute"], "training_overrides": {"num_train_epochs": 0.3}, **TINY}))
+    config_file.write_text(
+        json.dumps(
+            {
+                "preset": "quick",
+                "tasks": ["digits"],
+                "methods": ["adamw", "sam", "normalized-k2"],
+                "seeds": [0, 1],
+                "budgets": ["epochs", "compute"],
+                "training_overrides": {"num_train_epochs": 0.3},
+                **TINY,
+            }
+        )
+    )
     out = tmp_path / "study"
     assert study_main(["--config", str(config_file), "--output_dir", str(out)]) == 0
     config = StudyConfig.from_file(config_file)
@@ -114,18 +130,28 @@ def test_paper_preset_hub_path_with_local_stand_ins(tmp_path, monkeypatch):
         if owner is transformers.AutoImageProcessor:
             return transformers.ViTImageProcessor(size={"height": 16, "width": 16})
         if owner is transformers.AutoModelForImageClassification:
-            config = transformers.ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1,
-                                            num_attention_heads=2, intermediate_size=32,
-                                            **{k: kwargs[k] for k in ("num_labels", "id2label", "label2id")})
+            config = transformers.ViTConfig(
+                image_size=16,
+                patch_size=8,
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+                **{k: kwargs[k] for k in ("num_labels", "id2label", "label2id")},
+            )
             return transformers.ViTForImageClassification(config)
         if owner is transformers.AutoTokenizer:
             from hf_sam.tasks.text import resolve_model_path
 
             return transformers.AutoTokenizer.from_pretrained(resolve_model_path("embedded:minilm"))
         if owner is transformers.AutoModelForSequenceClassification:
-            config = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                             intermediate_size=32,
-                                             **{k: kwargs[k] for k in ("num_labels", "id2label", "label2id")})
+            config = transformers.BertConfig(
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+                **{k: kwargs[k] for k in ("num_labels", "id2label", "label2id")},
+            )
             return transformers.BertForSequenceClassification(config)
         raise AssertionError(f"unexpected hub load {load} {name}")
 
@@ -133,12 +159,18 @@ def test_paper_preset_hub_path_with_local_stand_ins(tmp_path, monkeypatch):
     monkeypatch.setattr("hf_sam.tasks.data.from_hub", fake_from_hub)
     monkeypatch.setattr("hf_sam.tasks.models.from_hub", fake_from_hub)
     config_file = tmp_path / "paper.yaml"
-    config_file.write_text("preset: paper\ntasks: [cifar10, sst2]\nmethods: [adamw, sam]\nseeds: [0]\n"
-                           "rhos: [0.05]\nbudgets: [epochs]\nworkers: 1\nmeasure_examples: 16\n"
-                           "landscape_points: 3\nsurface_points: 3\ntraining_overrides: {max_steps: 2}\n")
+    config_file.write_text(
+        "preset: paper\ntasks: [cifar10, sst2]\nmethods: [adamw, sam]\nseeds: [0]\n"
+        "rhos: [0.05]\nbudgets: [epochs]\nworkers: 1\nmeasure_examples: 16\n"
+        "landscape_points: 3\nsurface_points: 3\ntraining_overrides: {max_steps: 2}\n"
+    )
     out = tmp_path / "paper"
     assert study_main(["--config", str(config_file), "--output_dir", str(out)]) == 0
     assert {"cifar10", "google/vit-base-patch16-224-in21k", "glue", "bert-base-uncased"} <= set(asked)
     results = json.loads((out / "results.json").read_text())
-    assert sorted((r["task"], r["method"]) for r in results) == [("cifar10", "adamw"), ("cifar10", "sam"),
-                                                                 ("sst2", "adamw"), ("sst2", "sam")]
+    assert sorted((r["task"], r["method"]) for r in results) == [
+        ("cifar10", "adamw"),
+        ("cifar10", "sam"),
+        ("sst2", "adamw"),
+        ("sst2", "sam"),
+    ]

@@ -22,18 +22,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="What does the number of SAM ascent steps do? Train a grid of methods with SAMTrainer, "
         "measure sharpness and landscapes, and write report.md with figures.",
     )
-    parser.add_argument("--preset", choices=list(PRESETS), default="quick",
-                        help="quick: embedded data, ~10 min on 2 CPU cores (default); paper: CIFAR-10/100 + SST-2 "
-                        "from the hub, GPU scale.")
+    parser.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default="quick",
+        help="quick: embedded data, ~10 min on 2 CPU cores (default); paper: CIFAR-10/100 + SST-2 "
+        "from the hub, GPU scale.",
+    )
     parser.add_argument("--config", help="A YAML/JSON file of study fields (tasks, methods, rhos, seeds, ...).")
     parser.add_argument("--output_dir", default="outputs/study", help="Where runs/, the report and figures go.")
     parser.add_argument("--tasks", nargs="+", help="Tasks, e.g. digits rotten_tomatoes mnist5k cifar10 sst2.")
-    parser.add_argument("--methods", nargs="+", help="adamw sam normalized-k3 projected-k5 accumulated-k2 mean-k3 "
-                        "asam-k1 ...")
+    parser.add_argument(
+        "--methods", nargs="+", help="adamw sam normalized-k3 projected-k5 accumulated-k2 mean-k3 asam-k1 ..."
+    )
     parser.add_argument("--rhos", nargs="+", type=float, help="Radii rho.")
     parser.add_argument("--seeds", nargs="+", type=int, help="Seeds (error bars).")
-    parser.add_argument("--budgets", nargs="+", choices=["epochs", "compute"], help="Equal epochs and/or equal "
-                        "compute (forward+backward passes of SAM k=1).")
+    parser.add_argument(
+        "--budgets",
+        nargs="+",
+        choices=["epochs", "compute"],
+        help="Equal epochs and/or equal compute (forward+backward passes of SAM k=1).",
+    )
     parser.add_argument("--workers", type=int, help="Runs in parallel (processes; one torch thread each).")
     parser.add_argument("--epochs", type=float, help="Override every task's base number of epochs.")
     parser.add_argument("--report_only", action="store_true", help="Only (re)write the report from finished runs.")
@@ -41,10 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
-    overrides = {"tasks": args.tasks, "methods": args.methods, "rhos": args.rhos, "seeds": args.seeds,
-                 "budgets": args.budgets, "workers": args.workers}
-    config = (StudyConfig.from_file(args.config, **overrides) if args.config
-              else StudyConfig.from_preset(args.preset, **overrides))
+    overrides = {
+        "tasks": args.tasks,
+        "methods": args.methods,
+        "rhos": args.rhos,
+        "seeds": args.seeds,
+        "budgets": args.budgets,
+        "workers": args.workers,
+    }
+    config = (
+        StudyConfig.from_file(args.config, **overrides)
+        if args.config
+        else StudyConfig.from_preset(args.preset, **overrides)
+    )
     if args.epochs is not None:
         config.training_overrides = {**config.training_overrides, "num_train_epochs": args.epochs}
     return config
@@ -54,8 +72,11 @@ def surface_runs(config: StudyConfig, runs) -> set[str]:
     """2-D surfaces for single-step SAM and the multi-step method with the most steps, first seed."""
     multi = [m for m in config.methods if parse_method(m).ascent_steps > 1 and parse_method(m).family == "normalized"]
     chosen = {"sam"} | ({max(multi, key=lambda m: parse_method(m).ascent_steps)} if multi else set())
-    return {r.run_id for r in runs if r.method in chosen and r.seed == config.seeds[0] and r.budget == "epochs"
-            and r.rho == config.rhos[0]}
+    return {
+        r.run_id
+        for r in runs
+        if r.method in chosen and r.seed == config.seeds[0] and r.budget == "epochs" and r.rho == config.rhos[0]
+    }
 
 
 def run_study(config: StudyConfig, root: Path) -> list[dict]:

@@ -25,34 +25,56 @@ class TaskSpec:
 
 TASKS: dict[str, TaskSpec] = {
     # embedded: no network, minutes on a CPU
-    "digits": TaskSpec("digits", "image", {"model_type": "vit"}, {"dataset_name": "embedded:digits"},
-                       {"num_train_epochs": 8, "learning_rate": 2e-3, "per_device_train_batch_size": 32}),
-    "mnist5k": TaskSpec("mnist5k", "image", {"model_type": "vit"}, {"dataset_name": "embedded:mnist5k"},
-                        {"num_train_epochs": 3, "learning_rate": 2e-3, "per_device_train_batch_size": 64}),
+    "digits": TaskSpec(
+        "digits",
+        "image",
+        {"model_type": "vit"},
+        {"dataset_name": "embedded:digits"},
+        {"num_train_epochs": 8, "learning_rate": 2e-3, "per_device_train_batch_size": 32},
+    ),
+    "mnist5k": TaskSpec(
+        "mnist5k",
+        "image",
+        {"model_type": "vit"},
+        {"dataset_name": "embedded:mnist5k"},
+        {"num_train_epochs": 3, "learning_rate": 2e-3, "per_device_train_batch_size": 64},
+    ),
     "rotten_tomatoes": TaskSpec(
-        "rotten_tomatoes", "text",
+        "rotten_tomatoes",
+        "text",
         {"model_type": "bert", "tokenizer_name": "embedded:minilm", "config_overrides": TINY_BERT},
         {"dataset_name": "embedded:rotten_tomatoes", "max_seq_length": 32},
         {"num_train_epochs": 3, "learning_rate": 1e-3, "per_device_train_batch_size": 32},
     ),
     "rotten_tomatoes_minilm": TaskSpec(
-        "rotten_tomatoes_minilm", "text", {"model_name_or_path": "embedded:minilm"},
+        "rotten_tomatoes_minilm",
+        "text",
+        {"model_name_or_path": "embedded:minilm"},
         {"dataset_name": "embedded:rotten_tomatoes", "max_seq_length": 64},
         {"num_train_epochs": 2, "learning_rate": 5e-5, "per_device_train_batch_size": 32},
     ),
     # hub, GPU scale (the paper preset)
-    "cifar10": TaskSpec("cifar10", "image", {"model_name_or_path": "google/vit-base-patch16-224-in21k"},
-                        {"dataset_name": "cifar10"},
-                        {"num_train_epochs": 3, "learning_rate": 2e-5, "per_device_train_batch_size": 64,
-                         "bf16": True}),
-    "cifar100": TaskSpec("cifar100", "image", {"model_name_or_path": "google/vit-base-patch16-224-in21k"},
-                         {"dataset_name": "cifar100"},
-                         {"num_train_epochs": 3, "learning_rate": 2e-5, "per_device_train_batch_size": 64,
-                          "bf16": True}),
-    "sst2": TaskSpec("sst2", "text", {"model_name_or_path": "bert-base-uncased"},
-                     {"dataset_name": "glue", "dataset_config_name": "sst2", "max_seq_length": 64},
-                     {"num_train_epochs": 3, "learning_rate": 2e-5, "per_device_train_batch_size": 32,
-                      "bf16": True}),
+    "cifar10": TaskSpec(
+        "cifar10",
+        "image",
+        {"model_name_or_path": "google/vit-base-patch16-224-in21k"},
+        {"dataset_name": "cifar10"},
+        {"num_train_epochs": 3, "learning_rate": 2e-5, "per_device_train_batch_size": 64, "bf16": True},
+    ),
+    "cifar100": TaskSpec(
+        "cifar100",
+        "image",
+        {"model_name_or_path": "google/vit-base-patch16-224-in21k"},
+        {"dataset_name": "cifar100"},
+        {"num_train_epochs": 3, "learning_rate": 2e-5, "per_device_train_batch_size": 64, "bf16": True},
+    ),
+    "sst2": TaskSpec(
+        "sst2",
+        "text",
+        {"model_name_or_path": "bert-base-uncased"},
+        {"dataset_name": "glue", "dataset_config_name": "sst2", "max_seq_length": 64},
+        {"num_train_epochs": 3, "learning_rate": 2e-5, "per_device_train_batch_size": 32, "bf16": True},
+    ),
 }
 
 
@@ -102,18 +124,46 @@ def parse_method(name: str) -> MethodSpec:
     return MethodSpec(name, k, ascent_rule=kind)
 
 
-QUICK_METHODS = ["adamw", "sam", "normalized-k2", "normalized-k3", "normalized-k5", "projected-k3",
-                 "accumulated-k3", "mean-k3", "asam-k1"]
-PAPER_METHODS = ["adamw", "sam"] + [f"{r}-k{k}" for r in ("normalized", "projected", "accumulated", "mean")
-                                    for k in (2, 3, 5)] + ["asam-k1", "asam-k3"]
+QUICK_METHODS = [
+    "adamw",
+    "sam",
+    "normalized-k2",
+    "normalized-k3",
+    "normalized-k5",
+    "projected-k3",
+    "accumulated-k3",
+    "mean-k3",
+    "asam-k1",
+]
+PAPER_METHODS = (
+    ["adamw", "sam"]
+    + [f"{r}-k{k}" for r in ("normalized", "projected", "accumulated", "mean") for k in (2, 3, 5)]
+    + ["asam-k1", "asam-k3"]
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {"tasks": ["digits", "rotten_tomatoes"], "methods": QUICK_METHODS, "rhos": [0.05], "seeds": [0, 1],
-              "budgets": ["epochs", "compute"], "workers": 2, "measure_examples": 256,
-              "landscape_points": 21, "surface_points": 11},
-    "paper": {"tasks": ["cifar10", "cifar100", "sst2"], "methods": PAPER_METHODS, "rhos": [0.05, 0.1],
-              "seeds": [0, 1, 2], "budgets": ["epochs", "compute"], "workers": 1, "measure_examples": 1024,
-              "landscape_points": 31, "surface_points": 21},
+    "quick": {
+        "tasks": ["digits", "rotten_tomatoes"],
+        "methods": QUICK_METHODS,
+        "rhos": [0.05],
+        "seeds": [0, 1],
+        "budgets": ["epochs", "compute"],
+        "workers": 2,
+        "measure_examples": 256,
+        "landscape_points": 21,
+        "surface_points": 11,
+    },
+    "paper": {
+        "tasks": ["cifar10", "cifar100", "sst2"],
+        "methods": PAPER_METHODS,
+        "rhos": [0.05, 0.1],
+        "seeds": [0, 1, 2],
+        "budgets": ["epochs", "compute"],
+        "workers": 1,
+        "measure_examples": 1024,
+        "landscape_points": 31,
+        "surface_points": 21,
+    },
 }
 
 

@@ -10,12 +10,20 @@ import pandas as pd
 
 from .grid import RunSpec, StudyConfig, parse_method
 
-FAMILY_COLORS = {"adamw": "black", "normalized": "tab:blue", "projected": "tab:orange",
-                 "accumulated": "tab:green", "mean": "tab:purple", "asam": "tab:red"}
-MEASURES = [("m_sharpness", "worst-case loss increase in the rho-ball (m=64)"),
-            ("hessian_top_eigenvalue", "top Hessian eigenvalue"),
-            ("hessian_trace", "Hessian trace (Hutchinson)"),
-            ("train_sam_sharpness", "L(w+d_k) - L(w) during training")]
+FAMILY_COLORS = {
+    "adamw": "black",
+    "normalized": "tab:blue",
+    "projected": "tab:orange",
+    "accumulated": "tab:green",
+    "mean": "tab:purple",
+    "asam": "tab:red",
+}
+MEASURES = [
+    ("m_sharpness", "worst-case loss increase in the rho-ball (m=64)"),
+    ("hessian_top_eigenvalue", "top Hessian eigenvalue"),
+    ("hessian_trace", "Hessian trace (Hutchinson)"),
+    ("train_sam_sharpness", "L(w+d_k) - L(w) during training"),
+]
 
 
 def load_runs(root: Path) -> pd.DataFrame:
@@ -29,8 +37,9 @@ def _with_budgets(df: pd.DataFrame, config: StudyConfig) -> pd.DataFrame:
     for budget in config.budgets:
         keep = []
         for _, row in df.iterrows():
-            spec = RunSpec(row.task, row.method, row.rho, int(row.seed), row.budget, float(row.epochs),
-                           float(row.base_epochs))
+            spec = RunSpec(
+                row.task, row.method, row.rho, int(row.seed), row.budget, float(row.epochs), float(row.base_epochs)
+            )
             keep.append(spec.in_budget(budget))
         part = df[np.array(keep, dtype=bool)].copy()
         part["budget"] = budget
@@ -41,8 +50,15 @@ def _with_budgets(df: pd.DataFrame, config: StudyConfig) -> pd.DataFrame:
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    columns = ["eval_accuracy", "m_sharpness", "hessian_top_eigenvalue", "hessian_trace", "train_sam_sharpness",
-               "forward_backward_passes", "train_seconds"]
+    columns = [
+        "eval_accuracy",
+        "m_sharpness",
+        "hessian_top_eigenvalue",
+        "hessian_trace",
+        "train_sam_sharpness",
+        "forward_backward_passes",
+        "train_seconds",
+    ]
     columns = [c for c in columns if c in df]
     grouped = df.groupby(["task", "budget", "method", "family", "ascent_steps", "rho"], sort=False)
     summary = grouped[columns].agg(["mean", "std"])
@@ -70,8 +86,15 @@ def _lines_vs_k(ax, data: pd.DataFrame, value: str) -> None:
         if part.empty or part["family"].eq(family).sum() == 0:
             continue
         stats = part.groupby("ascent_steps")[value].agg(["mean", "std"]).reset_index()
-        ax.errorbar(stats["ascent_steps"], stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
-                    label=family, color=FAMILY_COLORS[family])
+        ax.errorbar(
+            stats["ascent_steps"],
+            stats["mean"],
+            yerr=stats["std"].fillna(0),
+            marker="o",
+            capsize=3,
+            label=family,
+            color=FAMILY_COLORS[family],
+        )
     ax.set_xlabel("ascent steps k")
 
 
@@ -125,8 +148,14 @@ def _figure_ascent_losses(df, path: Path) -> None:
                 continue
             values = part[columns].to_numpy(dtype=float)
             increase = values - values[:, :1]
-            ax.plot(range(k + 1), np.nanmean(increase, axis=0), marker="o", label=method,
-                    color=FAMILY_COLORS[parse_method(method).family], alpha=0.4 + 0.12 * min(k, 5))
+            ax.plot(
+                range(k + 1),
+                np.nanmean(increase, axis=0),
+                marker="o",
+                label=method,
+                color=FAMILY_COLORS[parse_method(method).family],
+                alpha=0.4 + 0.12 * min(k, 5),
+            )
         ax.set_title(f"{task}: loss along the ascent")
         ax.set_xlabel("ascent point i (w + d_i)")
         ax.set_ylabel("L(w + d_i) - L(w), mean over training")
@@ -145,8 +174,13 @@ def _figure_compute(df, path: Path) -> None:
         ax = axes[0][j]
         part = df[df["task"] == task].drop_duplicates("run_id")
         for family, rows in part.groupby("family"):
-            ax.scatter(rows["forward_backward_passes"], rows["eval_accuracy"], label=family,
-                       color=FAMILY_COLORS[family], alpha=0.8)
+            ax.scatter(
+                rows["forward_backward_passes"],
+                rows["eval_accuracy"],
+                label=family,
+                color=FAMILY_COLORS[family],
+                alpha=0.8,
+            )
         ax.set_xlabel("forward+backward passes")
         ax.set_ylabel("validation accuracy")
         ax.set_title(f"{task}: accuracy vs compute")
@@ -175,16 +209,18 @@ def _figure_landscapes(df, root: Path, path: Path) -> bool:
             color = FAMILY_COLORS[parse_method(row["method"]).family]
             alpha = 0.35 + 0.13 * min(int(row["ascent_steps"]), 5)
             axes[i][0].plot(curves["alphas"], curves["random_line"], color=color, alpha=alpha, label=row["method"])
-            axes[i][1].plot(curves["ascent_alphas"], curves["ascent_line"], color=color, alpha=alpha,
-                            label=row["method"])
+            axes[i][1].plot(
+                curves["ascent_alphas"], curves["ascent_line"], color=color, alpha=alpha, label=row["method"]
+            )
         axes[i][0].set_title(f"{task}: filter-normalized random direction", fontsize=9)
         axes[i][0].set_xlabel("alpha")
         axes[i][0].set_ylabel("validation loss")
         axes[i][1].set_title(f"{task}: along the ascent direction g/||g||", fontsize=9)
         axes[i][1].set_xlabel("distance")
         axes[i][0].legend(fontsize=6)
-        for j, (method, axis, surface) in enumerate(sorted(surfaces.get(task, []),
-                                                           key=lambda s: parse_method(s[0]).ascent_steps)):
+        for j, (method, axis, surface) in enumerate(
+            sorted(surfaces.get(task, []), key=lambda s: parse_method(s[0]).ascent_steps)
+        ):
             ax = axes[i][2 + j]
             contour = ax.contour(axis, axis, surface.T, levels=15, cmap="viridis")
             ax.clabel(contour, fontsize=6)
@@ -216,21 +252,26 @@ def _findings(summary: pd.DataFrame) -> list[str]:
     """Plain-language comparisons computed from the table."""
     out = []
     for (task, budget), part in summary.groupby(["task", "budget"], sort=False):
+
         def acc(method, frame=part):
             rows = frame[frame["method"] == method]
             return None if rows.empty else float(rows["eval_accuracy_mean"].iloc[0])
 
         best = part.loc[part["eval_accuracy_mean"].idxmax()]
-        line = (f"- **{task}, equal {budget}**: best validation accuracy {best['eval_accuracy_mean']:.4f} "
-                f"by `{best['method']}`")
+        line = (
+            f"- **{task}, equal {budget}**: best validation accuracy {best['eval_accuracy_mean']:.4f} "
+            f"by `{best['method']}`"
+        )
         single, plain = acc("sam"), acc("adamw")
         multi = part[(part["ascent_steps"] > 1) & (part["family"] == "normalized")]
         if single is not None and plain is not None:
             line += f"; SAM k=1 {single:.4f} vs AdamW {plain:.4f}"
         if single is not None and not multi.empty:
             top = multi.loc[multi["eval_accuracy_mean"].idxmax()]
-            line += (f"; best multi-step (normalized) `{top['method']}` {top['eval_accuracy_mean']:.4f} "
-                     f"({top['eval_accuracy_mean'] - single:+.4f} vs k=1)")
+            line += (
+                f"; best multi-step (normalized) `{top['method']}` {top['eval_accuracy_mean']:.4f} "
+                f"({top['eval_accuracy_mean'] - single:+.4f} vs k=1)"
+            )
         out.append(line + ".")
     return out
 
@@ -257,12 +298,34 @@ def write_report(config: StudyConfig, root: Path) -> Path:
     _figure_compute(data, figures / "accuracy_vs_compute.png")
     _figure_landscapes(data, root, figures / "landscapes.png")
 
-    table = summary[["task", "budget", "method", "ascent_steps", "rho", "seeds", "eval_accuracy_mean",
-                     "eval_accuracy_std", "m_sharpness_mean", "hessian_top_eigenvalue_mean", "hessian_trace_mean",
-                     "forward_backward_passes_mean", "train_seconds_mean"]].rename(columns={
-        "ascent_steps": "k", "eval_accuracy_mean": "accuracy", "eval_accuracy_std": "± std",
-        "m_sharpness_mean": "m-sharpness", "hessian_top_eigenvalue_mean": "λ_max", "hessian_trace_mean": "tr(H)",
-        "forward_backward_passes_mean": "fwd+bwd passes", "train_seconds_mean": "train s"})
+    table = summary[
+        [
+            "task",
+            "budget",
+            "method",
+            "ascent_steps",
+            "rho",
+            "seeds",
+            "eval_accuracy_mean",
+            "eval_accuracy_std",
+            "m_sharpness_mean",
+            "hessian_top_eigenvalue_mean",
+            "hessian_trace_mean",
+            "forward_backward_passes_mean",
+            "train_seconds_mean",
+        ]
+    ].rename(
+        columns={
+            "ascent_steps": "k",
+            "eval_accuracy_mean": "accuracy",
+            "eval_accuracy_std": "± std",
+            "m_sharpness_mean": "m-sharpness",
+            "hessian_top_eigenvalue_mean": "λ_max",
+            "hessian_trace_mean": "tr(H)",
+            "forward_backward_passes_mean": "fwd+bwd passes",
+            "train_seconds_mean": "train s",
+        }
+    )
     diag_cols = [c for c in summary.columns if c.startswith("train_sam_sharpness")]
     lines = [
         "# Ascent-steps study",
@@ -284,8 +347,7 @@ def write_report(config: StudyConfig, root: Path) -> Path:
         "",
         "## Accuracy against the number of ascent steps",
         "",
-        "Mean over seeds, error bars one standard deviation. k = 0 (AdamW) and k = 1 (SAM) are shared by "
-        "the rules.",
+        "Mean over seeds, error bars one standard deviation. k = 0 (AdamW) and k = 1 (SAM) are shared by the rules.",
         "",
         "![accuracy vs k](figures/accuracy_vs_k.png)",
         "",

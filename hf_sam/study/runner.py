@@ -78,9 +78,17 @@ def execute(config: StudyConfig, run: RunSpec, root: Path, surface: bool = False
     model_args = ModelArguments(**spec.model)
     data_args = DataArguments(**spec.data)
     training_args = _training_args(config, run, partial / "trainer", spec.training)
-    (partial / "config.json").write_text(json.dumps({
-        "run": run.to_dict(), "task": asdict(spec), "training_args": training_args.to_dict(),
-    }, indent=1, default=str))
+    (partial / "config.json").write_text(
+        json.dumps(
+            {
+                "run": run.to_dict(),
+                "task": asdict(spec),
+                "training_args": training_args.to_dict(),
+            },
+            indent=1,
+            default=str,
+        )
+    )
 
     trainer, task = build_trainer(spec.kind, model_args, data_args, training_args)
     if config.workers > 1:  # parallel runs: the grid's bar speaks, the Trainers stay quiet
@@ -131,8 +139,9 @@ def measure(trainer, task, run: RunSpec, config: StudyConfig, surface: bool) -> 
 
     model = trainer.model
     device = trainer.args.device
-    batches = sharpness.batches_from(task.eval_dataset, trainer.data_collator, batch_size=64,
-                                     limit=config.measure_examples, device=device)
+    batches = sharpness.batches_from(
+        task.eval_dataset, trainer.data_collator, batch_size=64, limit=config.measure_examples, device=device
+    )
     loss_fn = sharpness.hf_loss
     worst = sharpness.worst_case_loss(model, loss_fn, batches, rho=run.rho, steps=5, restarts=2, seed=0)
     eig = sharpness.hessian_top_eigenvalue(model, loss_fn, batches[:2], max_iterations=20, tolerance=1e-2, seed=0)
