@@ -35,7 +35,9 @@ def test_grid_dedupes_and_scales_compute():
     runs = config.runs()
     ids = [r.run_id for r in runs]
     assert len(ids) == len(set(ids))
-    base = 8.0
+    from hf_sam.study.grid import TASKS
+
+    base = float(TASKS["digits"].training["num_train_epochs"])
     # adamw: rho-independent, 2 budgets; sam: 2 rhos, one run for both budgets; k3: 2 rhos x 2 budgets
     assert len(runs) == 2 + 2 + 4
     k3 = sorted(r.epochs for r in runs if r.method == "normalized-k3" and r.rho == 0.05)

@@ -28,6 +28,8 @@ class TinyNet(nn.Module):
         self.calls += 1
         if self.fail_on.get(self.calls) == "forward":
             raise RuntimeError(f"injected failure in forward call {self.calls}")
+        if self.fail_on.get(self.calls) == "interrupt":
+            raise KeyboardInterrupt
         h = torch.tanh(self.fc1(x))
         if self.bn is not None:
             h = self.bn(h)

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-TINY_BERT = "hidden_size=64,num_hidden_layers=2,num_attention_heads=4,intermediate_size=128"
+TINY_BERT = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ TASKS: dict[str, TaskSpec] = {
         "text",
         {"model_type": "bert", "tokenizer_name": "embedded:minilm", "config_overrides": TINY_BERT},
         {"dataset_name": "embedded:rotten_tomatoes", "max_seq_length": 32},
-        {"num_train_epochs": 3, "learning_rate": 1e-3, "per_device_train_batch_size": 32},
+        {"num_train_epochs": 3, "learning_rate": 3e-3, "per_device_train_batch_size": 64},
     ),
     "rotten_tomatoes_minilm": TaskSpec(
         "rotten_tomatoes_minilm",

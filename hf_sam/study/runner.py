@@ -175,9 +175,13 @@ def measure(trainer, task, run: RunSpec, config: StudyConfig, surface: bool) -> 
 def run_in_worker(args: tuple[dict, dict, str, bool]) -> dict[str, Any]:
     """Process-pool entry: one thread of torch per worker, then execute()."""
     config_dict, run_dict, root, surface = args
+    import datasets
     import torch
+    import transformers
 
     torch.set_num_threads(1)
+    datasets.disable_progress_bars()  # parallel runs: only the grid's bar
+    transformers.utils.logging.set_verbosity_error()
     config = StudyConfig(**config_dict)
     run = RunSpec(**{k: v for k, v in run_dict.items() if k != "run_id"})
     return execute(config, run, Path(root), surface=surface)

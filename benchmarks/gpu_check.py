@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""GPU check: bf16 and fp16 SAMTrainer steps for k in {1, 3} on from-config BERT-base and ViT-base.
+
+Checks, per case: the weights are bit-identical after training_step, the losses and the descent
+gradients are finite, an optimizer step through the loss scaler works; prints a table. Needs only
+torch, transformers and accelerate (no network, no datasets/evaluate); finishes in a few minutes.
+
+    python benchmarks/gpu_check.py
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("error: no CUDA device", file=sys.stderr)
+        return 2
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from bench_step import _bert, _vit
+
+    import transformers
+    import accelerate
+
+    from hf_sam import SAMTrainer, SAMTrainingArguments
+
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"accelerate {accelerate.__version__}")
+    print(f"{'model':10} {'prec':5} {'k':>2} {'restored':>9} {'finite':>7} {'loss':>8} {'sharpness':>10} {'ms/step':>8}")
+    failures = 0
+    builders = {"bert-base": lambda: _bert(768, 12, 12, 3072, 32, 128, "cuda"),
+                "vit-base": lambda: _vit(768, 12, 12, 3072, 224, 16, 32, "cuda")}
+    for name, build in builders.items():
+        for precision in ("bf16", "fp16"):
+            for k in (1, 3):
+                transformers.set_seed(0)
+                model, batch = build()
+                args = SAMTrainingArguments(output_dir="/tmp/hf_sam_gpu_check", report_to=[], max_steps=1,
+                                            sam_ascent_steps=k, sam_rho=0.05, **{precision: True})
+                trainer = SAMTrainer(model=model, args=args)
+                trainer.create_optimizer()
+                optimizer = trainer.optimizer
+                before = [p.detach().clone() for p in model.parameters()]
+                times = []
+                restored = finite = True
+                for step in range(4):
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    with trainer.accelerator.autocast():
+                        loss = trainer.training_step(model, batch)
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - start)
+                    if step == 0:
+                        restored = all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+                    finite &= bool(torch.isfinite(loss)) and all(
+                        torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+                    scaler = trainer.accelerator.scaler
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                logs = trainer.sam_log_metrics()
+                ok = restored and finite and all(torch.isfinite(p).all() for p in model.parameters())
+                failures += not ok
+                print(f"{name:10} {precision:5} {k:>2} {str(restored):>9} {str(finite):>7} "
+                      f"{logs.get('sam/loss_clean', float('nan')):8.4f} {logs.get('sam/sharpness', float('nan')):10.5f} "
+                      f"{1000 * sorted(times)[len(times) // 2]:8.1f}", flush=True)
+                del model, trainer, optimizer, before
+                torch.cuda.empty_cache()
+    print("all checks passed" if not failures else f"{failures} case(s) FAILED")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
