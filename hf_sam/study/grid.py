@@ -44,7 +44,8 @@ TASKS: dict[str, TaskSpec] = {
         "text",
         {"model_type": "bert", "tokenizer_name": "embedded:minilm", "config_overrides": TINY_BERT},
         {"dataset_name": "embedded:rotten_tomatoes", "max_seq_length": 32},
-        {"num_train_epochs": 3, "learning_rate": 3e-3, "per_device_train_batch_size": 64},
+        # a from-scratch transformer needs a warm-up, or SAM's first steps can stall it at the majority class
+        {"num_train_epochs": 3, "learning_rate": 3e-3, "per_device_train_batch_size": 64, "warmup_steps": 16},
     ),
     "rotten_tomatoes_minilm": TaskSpec(
         "rotten_tomatoes_minilm",
