@@ -38,25 +38,42 @@ class Case:
 def _bert(hidden, layers, heads, inter, batch, seq, device):
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=inter, num_labels=2, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=inter,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = BertForSequenceClassification(config).to(device)
     g = torch.Generator().manual_seed(0)
-    data = {"input_ids": torch.randint(0, config.vocab_size, (batch, seq), generator=g),
-            "labels": torch.randint(0, 2, (batch,), generator=g)}
+    data = {
+        "input_ids": torch.randint(0, config.vocab_size, (batch, seq), generator=g),
+        "labels": torch.randint(0, 2, (batch,), generator=g),
+    }
     return model, {k: v.to(device) for k, v in data.items()}
 
 
 def _vit(hidden, layers, heads, inter, image, patch, batch, device):
     from transformers import ViTConfig, ViTForImageClassification
 
-    config = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                       intermediate_size=inter, image_size=image, patch_size=patch, num_labels=10)
+    config = ViTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=inter,
+        image_size=image,
+        patch_size=patch,
+        num_labels=10,
+    )
     model = ViTForImageClassification(config).to(device)
     g = torch.Generator().manual_seed(0)
-    data = {"pixel_values": torch.randn(batch, 3, image, image, generator=g),
-            "labels": torch.randint(0, 10, (batch,), generator=g)}
+    data = {
+        "pixel_values": torch.randn(batch, 3, image, image, generator=g),
+        "labels": torch.randint(0, 10, (batch,), generator=g),
+    }
     return model, {k: v.to(device) for k, v in data.items()}
 
 
@@ -66,8 +83,10 @@ def _resnet(depths, hidden, layer_type, image, batch, device):
     config = ResNetConfig(depths=depths, hidden_sizes=hidden, layer_type=layer_type, num_labels=10)
     model = ResNetForImageClassification(config).to(device)
     g = torch.Generator().manual_seed(0)
-    data = {"pixel_values": torch.randn(batch, 3, image, image, generator=g),
-            "labels": torch.randint(0, 10, (batch,), generator=g)}
+    data = {
+        "pixel_values": torch.randn(batch, 3, image, image, generator=g),
+        "labels": torch.randint(0, 10, (batch,), generator=g),
+    }
     return model, {k: v.to(device) for k, v in data.items()}
 
 
@@ -76,14 +95,16 @@ def cases(preset: str, device: str) -> list[Case]:
         return [
             Case("bert-tiny (4x256, 16x64)", lambda: _bert(256, 4, 4, 1024, 16, 64, device)),
             Case("vit-tiny (4x192, 16x32^2)", lambda: _vit(192, 4, 4, 768, 32, 4, 16, device)),
-            Case("resnet-small (BN, 16x32^2)", lambda: _resnet([1, 1, 1, 1], [32, 64, 128, 256], "basic", 32, 16,
-                                                               device)),
+            Case(
+                "resnet-small (BN, 16x32^2)", lambda: _resnet([1, 1, 1, 1], [32, 64, 128, 256], "basic", 32, 16, device)
+            ),
         ]
     return [
         Case("bert-base (32x128)", lambda: _bert(768, 12, 12, 3072, 32, 128, device)),
         Case("vit-base (64x224^2)", lambda: _vit(768, 12, 12, 3072, 224, 16, 64, device)),
-        Case("resnet-50 (64x224^2)", lambda: _resnet([3, 4, 6, 3], [256, 512, 1024, 2048], "bottleneck", 224, 64,
-                                                     device)),
+        Case(
+            "resnet-50 (64x224^2)", lambda: _resnet([3, 4, 6, 3], [256, 512, 1024, 2048], "bottleneck", 224, 64, device)
+        ),
     ]
 
 
@@ -99,7 +120,7 @@ def make_variant(kind: str, model, batch, k: int, rule: str, bf16: bool, device:
     from hf_sam import SAMTrainer, SAMTrainingArguments
 
     set_seed(0)
-    autocast = (torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext())
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     if kind == "peer":
         from pytorch_optimizer import SAM
 
@@ -118,6 +139,7 @@ def make_variant(kind: str, model, batch, k: int, rule: str, bf16: bool, device:
         return step
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
     if kind == "floor":
+
         def step():
             for _ in range(k + 1):
                 with autocast:
@@ -127,8 +149,13 @@ def make_variant(kind: str, model, batch, k: int, rule: str, bf16: bool, device:
             opt.zero_grad(set_to_none=True)
 
         return step
-    args = SAMTrainingArguments(output_dir="/tmp/hf_sam_bench", report_to=[], use_cpu=device == "cpu",
-                                sam_ascent_steps=k if kind == "sam" else 0, sam_ascent_rule=rule)
+    args = SAMTrainingArguments(
+        output_dir="/tmp/hf_sam_bench",
+        report_to=[],
+        use_cpu=device == "cpu",
+        sam_ascent_steps=k if kind == "sam" else 0,
+        sam_ascent_rule=rule,
+    )
     trainer = SAMTrainer(model=model, args=args)
     trainer.optimizer = opt
 
@@ -223,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     variants = variant_list(args.ks, args.rules)
     rows = []
     header = f"{'model':28} {'variant':7} {'k':>2} {'rule':12} {'ms':>9} {'x floor':>8} {'peak MiB':>9}"
-    print(f"# torch {torch.__version__}, device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, "
-          f"threads {torch.get_num_threads()}, bf16 {bf16}, median of {steps} interleaved steps")
+    print(
+        f"# torch {torch.__version__}, device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, "
+        f"threads {torch.get_num_threads()}, bf16 {bf16}, median of {steps} interleaved steps"
+    )
     print(header)
     for case in cases(args.preset, device):
         medians = time_case(case, variants, steps, args.warmup, bf16, device)
@@ -233,13 +262,22 @@ def main(argv: list[str] | None = None) -> int:
         for v in variants:
             kind, k, rule = v
             peak = None if args.no_memory else peak_mib(case, v, bf16, device)
-            row = {"model": case.name, "variant": kind, "k": k, "rule": rule, "ms_median": round(medians[v], 3),
-                   "ratio_to_floor": round(medians[v] / floor[k], 4) if k in floor else None,
-                   "peak_mib": None if peak is None else round(peak, 1)}
+            row = {
+                "model": case.name,
+                "variant": kind,
+                "k": k,
+                "rule": rule,
+                "ms_median": round(medians[v], 3),
+                "ratio_to_floor": round(medians[v] / floor[k], 4) if k in floor else None,
+                "peak_mib": None if peak is None else round(peak, 1),
+            }
             rows.append(row)
             ratio = "" if row["ratio_to_floor"] is None else f"{row['ratio_to_floor']:.3f}"
-            print(f"{case.name:28} {kind:7} {k:>2} {rule:12} {row['ms_median']:>9.2f} {ratio:>8} "
-                  f"{'' if peak is None else f'{peak:9.1f}'}", flush=True)
+            print(
+                f"{case.name:28} {kind:7} {k:>2} {rule:12} {row['ms_median']:>9.2f} {ratio:>8} "
+                f"{'' if peak is None else f'{peak:9.1f}'}",
+                flush=True,
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

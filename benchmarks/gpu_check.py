@@ -21,26 +21,37 @@ def main() -> int:
         print("error: no CUDA device", file=sys.stderr)
         return 2
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    from bench_step import _bert, _vit
-
-    import transformers
     import accelerate
+    import transformers
+    from bench_step import _bert, _vit
 
     from hf_sam import SAMTrainer, SAMTrainingArguments
 
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"accelerate {accelerate.__version__}")
-    print(f"{'model':10} {'prec':5} {'k':>2} {'restored':>9} {'finite':>7} {'loss':>8} {'sharpness':>10} {'ms/step':>8}")
+    print(
+        f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"accelerate {accelerate.__version__}"
+    )
+    print(
+        f"{'model':10} {'prec':5} {'k':>2} {'restored':>9} {'finite':>7} {'loss':>8} {'sharpness':>10} {'ms/step':>8}"
+    )
     failures = 0
-    builders = {"bert-base": lambda: _bert(768, 12, 12, 3072, 32, 128, "cuda"),
-                "vit-base": lambda: _vit(768, 12, 12, 3072, 224, 16, 32, "cuda")}
+    builders = {
+        "bert-base": lambda: _bert(768, 12, 12, 3072, 32, 128, "cuda"),
+        "vit-base": lambda: _vit(768, 12, 12, 3072, 224, 16, 32, "cuda"),
+    }
     for name, build in builders.items():
         for precision in ("bf16", "fp16"):
             for k in (1, 3):
                 transformers.set_seed(0)
                 model, batch = build()
-                args = SAMTrainingArguments(output_dir="/tmp/hf_sam_gpu_check", report_to=[], max_steps=1,
-                                            sam_ascent_steps=k, sam_rho=0.05, **{precision: True})
+                args = SAMTrainingArguments(
+                    output_dir="/tmp/hf_sam_gpu_check",
+                    report_to=[],
+                    max_steps=1,
+                    sam_ascent_steps=k,
+                    sam_rho=0.05,
+                    **{precision: True},
+                )
                 trainer = SAMTrainer(model=model, args=args)
                 trainer.create_optimizer()
                 optimizer = trainer.optimizer
@@ -57,7 +68,8 @@ def main() -> int:
                     if step == 0:
                         restored = all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
                     finite &= bool(torch.isfinite(loss)) and all(
-                        torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+                        torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None
+                    )
                     scaler = trainer.accelerator.scaler
                     if scaler is not None:
                         scaler.step(optimizer)
@@ -68,9 +80,12 @@ def main() -> int:
                 logs = trainer.sam_log_metrics()
                 ok = restored and finite and all(torch.isfinite(p).all() for p in model.parameters())
                 failures += not ok
-                print(f"{name:10} {precision:5} {k:>2} {str(restored):>9} {str(finite):>7} "
-                      f"{logs.get('sam/loss_clean', float('nan')):8.4f} {logs.get('sam/sharpness', float('nan')):10.5f} "
-                      f"{1000 * sorted(times)[len(times) // 2]:8.1f}", flush=True)
+                print(
+                    f"{name:10} {precision:5} {k:>2} {str(restored):>9} {str(finite):>7} "
+                    f"{logs.get('sam/loss_clean', float('nan')):8.4f} {logs.get('sam/sharpness', float('nan')):10.5f} "
+                    f"{1000 * sorted(times)[len(times) // 2]:8.1f}",
+                    flush=True,
+                )
                 del model, trainer, optimizer, before
                 torch.cuda.empty_cache()
     print("all checks passed" if not failures else f"{failures} case(s) FAILED")

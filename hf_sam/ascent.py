@@ -218,14 +218,15 @@ class MultiStepAscent:
         if self.descent == "mean" and not self.skipped and self.steps_taken == self.ascent_steps:
             factor = 1.0 / self.ascent_steps
             if self._mean_sum is not None:
-                for j, s in enumerate(self._mean_sum):
-                    if s is None:
-                        continue
-                    held = self._held[j]
-                    if held is None:
-                        self._held[j] = s.mul_(factor)
-                    else:
-                        held.add_(s, alpha=factor)
+                pairs = [(j, s) for j, s in enumerate(self._mean_sum) if s is not None]
+                onto = [(self._held[j], s) for j, s in pairs if self._held[j] is not None]
+                alone = [(j, s) for j, s in pairs if self._held[j] is None]
+                if onto:
+                    torch._foreach_add_([h for h, _ in onto], [s for _, s in onto], alpha=factor)
+                if alone:
+                    torch._foreach_mul_([s for _, s in alone], factor)
+                    for j, s in alone:
+                        self._held[j] = s
         self._mean_sum = None
         self._return_held_grads()
         return factor
@@ -293,14 +294,17 @@ class MultiStepAscent:
         self._held = None
 
     def _add_to_mean_sum(self, idx: list[int], grads: list[Tensor]) -> None:
+        """S += g with foreach kernels; a tensor's first gradient is copied in."""
         if self._mean_sum is None:
             self._mean_sum = [None] * len(self.params)
-        for j, g in zip(idx, grads, strict=True):
-            s = self._mean_sum[j]
-            if s is None:
-                self._mean_sum[j] = g.clone()
-            else:
-                s.add_(g)
+        fresh = [(j, g) for j, g in zip(idx, grads, strict=True) if self._mean_sum[j] is None]
+        known = [(self._mean_sum[j], g) for j, g in zip(idx, grads, strict=True) if self._mean_sum[j] is not None]
+        if known:
+            torch._foreach_add_([s for s, _ in known], [g for _, g in known])
+        if fresh:
+            copies = torch._foreach_mul([g for _, g in fresh], 1.0)
+            for (j, _), copy in zip(fresh, copies, strict=True):
+                self._mean_sum[j] = copy
 
     def _track(self, idx: list[int], grads: list[Tensor], i: int) -> None:
         full = [torch.zeros_like(p) for p in self.params]

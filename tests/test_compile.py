@@ -26,8 +26,9 @@ def _run(tmp_path, **kw):
     set_seed(0)
     model = CompileNet()
     rec = WeightRecorder()
-    trainer = sam_trainer(tmp_path, model, make_data(12, dtype=torch.float32), [rec], max_steps=3,
-                          sam_ascent_steps=2, sam_rho=0.3, **kw)
+    trainer = sam_trainer(
+        tmp_path, model, make_data(12, dtype=torch.float32), [rec], max_steps=3, sam_ascent_steps=2, sam_rho=0.3, **kw
+    )
     trainer.train()
     return rec.final, {n: b.clone() for n, b in model.named_buffers()}
 

@@ -10,8 +10,17 @@ from transformers import set_seed
 from .helpers import WeightRecorder, params_equal, plain_trainer, sam_trainer
 from .tiny import TinyNet, batch_of, make_data
 
-RUN = dict(optim="adamw_torch", learning_rate=0.01, gradient_accumulation_steps=2, per_device_train_batch_size=3,
-           train_sampling_strategy="random", save_strategy="steps", save_steps=2, max_steps=4, max_grad_norm=1.0)
+RUN = dict(
+    optim="adamw_torch",
+    learning_rate=0.01,
+    gradient_accumulation_steps=2,
+    per_device_train_batch_size=3,
+    train_sampling_strategy="random",
+    save_strategy="steps",
+    save_steps=2,
+    max_steps=4,
+    max_grad_norm=1.0,
+)
 
 
 def _train(tmp_path, make, resume=None, **kw):

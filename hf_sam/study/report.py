@@ -160,7 +160,8 @@ def _figure_ascent_losses(df, path: Path) -> None:
         ax.set_xlabel("ascent point i (w + d_i)")
         ax.set_ylabel("L(w + d_i) - L(w), mean over training")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
