@@ -11,8 +11,9 @@ warm-up, median of many steps:
     python benchmarks/bench_step.py --preset cpu --json benchmarks/cpu.json
     python benchmarks/bench_step.py --preset gpu            # BERT-base, ViT-base, ResNet-50 in bf16
 
-Peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the peak RSS of a fresh forked
-process that runs only that variant (so variants do not see each other's peaks).
+Peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the growth of the peak RSS of a
+forked process that builds the model and runs only that variant (model, activations, gradients,
+optimizer state and SAM's copy), so variants do not see each other's peaks.
 """
 
 from __future__ import annotations
@@ -154,10 +155,11 @@ def make_variant(kind: str, model, batch, k: int, rule: str, bf16: bool, device:
         report_to=[],
         use_cpu=device == "cpu",
         sam_ascent_steps=k if kind == "sam" else 0,
-        sam_ascent_rule=rule,
+        sam_ascent_rule=rule if kind == "sam" else "normalized",
     )
     trainer = SAMTrainer(model=model, args=args)
     trainer.optimizer = opt
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop, which this bypasses
 
     def step():
         with autocast:
@@ -194,15 +196,22 @@ def time_case(case: Case, variants, steps: int, warmup: int, bf16: bool, device:
     return {v: statistics.median(t) * 1000 for v, t in times.items()}
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def _peak_child(case: Case, variant, bf16: bool, device: str, queue) -> None:
+    """In a forked child: the growth of the peak RSS over the RSS at the fork, for this variant only."""
     import resource
 
     torch.set_num_threads(1)
+    start = _rss_mib()
     model, batch = case.build()
     run = make_variant(variant[0], model, batch, variant[1], variant[2], bf16, device)
     for _ in range(3):
         run()
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - start)
 
 
 def peak_mib(case: Case, variant, bf16: bool, device: str) -> float:

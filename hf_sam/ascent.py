@@ -29,14 +29,25 @@ _RULES = ("normalized", "projected", "accumulated")
 _DESCENTS = ("last", "mean")
 # Above this the single fused "p += (a/||g||) g" would overflow fp32; divide first instead.
 _MAX_FUSED_SCALE = 1e30
+# below this the fast norm may have lost squares to underflow: redo it in float64
+_UNDERFLOW_RISK = 1e-15
 
 
-def _global_norm(tensors: list[Tensor]) -> Tensor:
-    """Euclidean norm of a list of tensors, accumulated in float64 so huge values do not overflow."""
+def _global_norm(tensors: list[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """Euclidean norm of a list of tensors (in ``dtype`` if given), as a 0-d float64 tensor."""
     if not tensors:
         return torch.zeros((), dtype=torch.float64)
-    per_tensor = torch._foreach_norm(tensors, 2, dtype=torch.float64)
-    return torch.linalg.vector_norm(torch.stack(per_tensor))
+    per_tensor = torch._foreach_norm(tensors, 2, dtype=dtype) if dtype else torch._foreach_norm(tensors, 2)
+    return torch.linalg.vector_norm(torch.stack(per_tensor).double())
+
+
+def _gradient_norm(tensors: list[Tensor]) -> float:
+    """The global norm on the host: fast in the tensors' dtype, redone in float64 only when the
+    fast one may have overflowed or underflowed (squares of fp32 values beyond ~1e19 or below ~1e-19)."""
+    norm = _global_norm(tensors).item()  # the one host sync of an ascent step
+    if not math.isfinite(norm) or norm < _UNDERFLOW_RISK:
+        norm = _global_norm(tensors, dtype=torch.float64).item()
+    return norm
 
 
 def _cosine(a: list[Tensor], b: list[Tensor]) -> Tensor:
@@ -174,7 +185,7 @@ class MultiStepAscent:
         if self.adaptive:
             scale = [self._scale[j] for j in idx]
             torch._foreach_mul_(grads, scale)  # u = T g
-        norm = _global_norm(grads).item()  # the one host sync of an ascent step
+        norm = _gradient_norm(grads)
         self.grad_norms.append(norm)
         if not math.isfinite(norm):
             self._drop_perturbation()

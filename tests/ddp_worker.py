@@ -11,6 +11,7 @@ from transformers import TrainerCallback, set_seed
 from hf_sam import SAMTrainer, SAMTrainingArguments
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import BASE_ARGS  # noqa: E402
 from tests.tiny import TinyNet, make_data  # noqa: E402
 
 
@@ -41,24 +42,11 @@ def main():
     rec = Recorder()
     args = SAMTrainingArguments(
         output_dir=out_dir,
-        per_device_train_batch_size=3,
-        gradient_accumulation_steps=grad_accum,
-        max_steps=1,
-        learning_rate=0.1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
+        **{**BASE_ARGS, "per_device_train_batch_size": 3, "gradient_accumulation_steps": grad_accum},
         ddp_backend="gloo",
-        seed=0,
-        disable_tqdm=True,
         sam_ascent_steps=k,
         sam_rho=0.3,
         sam_sync_ascent=sync,
-        train_sampling_strategy="sequential",
     )
     trainer = SeeingTrainer(model=model, args=args, train_dataset=make_data(24, seed=4), callbacks=[rec])
     trainer.train()

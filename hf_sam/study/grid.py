@@ -37,7 +37,7 @@ TASKS: dict[str, TaskSpec] = {
         "image",
         {"model_type": "vit"},
         {"dataset_name": "embedded:mnist5k"},
-        {"num_train_epochs": 3, "learning_rate": 2e-3, "per_device_train_batch_size": 64},
+        {"num_train_epochs": 5, "learning_rate": 3e-3, "per_device_train_batch_size": 64, "warmup_steps": 20},
     ),
     "rotten_tomatoes": TaskSpec(
         "rotten_tomatoes",
@@ -52,7 +52,7 @@ TASKS: dict[str, TaskSpec] = {
         "text",
         {"model_name_or_path": "embedded:minilm"},
         {"dataset_name": "embedded:rotten_tomatoes", "max_seq_length": 64},
-        {"num_train_epochs": 2, "learning_rate": 5e-5, "per_device_train_batch_size": 32},
+        {"num_train_epochs": 2, "learning_rate": 1e-4, "per_device_train_batch_size": 32, "warmup_steps": 10},
     ),
     # hub, GPU scale (the paper preset)
     "cifar10": TaskSpec(
