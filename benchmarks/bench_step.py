@@ -12,7 +12,7 @@ warm-up, median of many steps:
     python benchmarks/bench_step.py --preset gpu            # BERT-base, ViT-base, ResNet-50 in bf16
 
 Peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the growth of the peak RSS of a
-forked process that builds the model and runs only that variant (model, activations, gradients,
+fresh process that builds the model and runs only that variant (model, activations, gradients,
 optimizer state and SAM's copy), so variants do not see each other's peaks.
 """
 
@@ -196,25 +196,32 @@ def time_case(case: Case, variants, steps: int, warmup: int, bf16: bool, device:
     return {v: statistics.median(t) * 1000 for v, t in times.items()}
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
-def _peak_child(case: Case, variant, bf16: bool, device: str, queue) -> None:
-    """In a forked child: the growth of the peak RSS over the RSS at the fork, for this variant only."""
-    import resource
+def _peak_child(preset: str, index: int, variant, bf16: bool, device: str, queue) -> None:
+    """In a fresh (spawned) process: the peak RSS growth while building the model and running this
+    variant only, over the RSS after the imports (the high-water mark is reset there)."""
+    from hf_sam import SAMTrainer  # noqa: F401 - import everything before the baseline
 
     torch.set_num_threads(1)
-    start = _rss_mib()
+    case = cases(preset, device)[index]
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    start = _status_mib("VmRSS")
     model, batch = case.build()
     run = make_variant(variant[0], model, batch, variant[1], variant[2], bf16, device)
     for _ in range(3):
         run()
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - start)
+    queue.put(_status_mib("VmHWM") - start)
 
 
-def peak_mib(case: Case, variant, bf16: bool, device: str) -> float:
+def peak_mib(preset: str, index: int, case: Case, variant, bf16: bool, device: str) -> float:
     if device == "cuda":
         model, batch = case.build()
         run = make_variant(variant[0], model, batch, variant[1], variant[2], bf16, device)
@@ -229,9 +236,9 @@ def peak_mib(case: Case, variant, bf16: bool, device: str) -> float:
         return peak
     import multiprocessing
 
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_child, args=(case, variant, bf16, device, queue))
+    proc = ctx.Process(target=_peak_child, args=(preset, index, variant, bf16, device, queue))
     proc.start()
     value = queue.get(timeout=600)
     proc.join()
@@ -264,13 +271,13 @@ def main(argv: list[str] | None = None) -> int:
         f"threads {torch.get_num_threads()}, bf16 {bf16}, median of {steps} interleaved steps"
     )
     print(header)
-    for case in cases(args.preset, device):
+    for index, case in enumerate(cases(args.preset, device)):
         medians = time_case(case, variants, steps, args.warmup, bf16, device)
         floor = {v[1]: medians[v] for v in variants if v[0] == "floor"}
         floor[0] = medians[("plain", 0, "-")]
         for v in variants:
             kind, k, rule = v
-            peak = None if args.no_memory else peak_mib(case, v, bf16, device)
+            peak = None if args.no_memory else peak_mib(args.preset, index, case, v, bf16, device)
             row = {
                 "model": case.name,
                 "variant": kind,

@@ -17,17 +17,34 @@ from hf_sam.tasks import DataArguments, ModelArguments, run_classification
 
 TASKS = [
     # name, kind, model args, data args, training args
-    ("digits (ViT from config)", "image", {"model_type": "vit"}, {"dataset_name": "embedded:digits"},
-     {"num_train_epochs": 6, "learning_rate": 2e-3, "per_device_train_batch_size": 32}),
-    ("mnist5k (ViT from config)", "image", {"model_type": "vit"}, {"dataset_name": "embedded:mnist5k"},
-     {"num_train_epochs": 5, "learning_rate": 3e-3, "per_device_train_batch_size": 64, "warmup_steps": 20}),
-    ("rotten_tomatoes (tiny BERT from config)", "text",
-     {"model_type": "bert", "tokenizer_name": "embedded:minilm", "config_overrides": TINY_BERT},
-     {"dataset_name": "embedded:rotten_tomatoes", "max_seq_length": 32},
-     {"num_train_epochs": 3, "learning_rate": 3e-3, "per_device_train_batch_size": 64, "warmup_steps": 16}),
-    ("rotten_tomatoes (pretrained MiniLM)", "text", {"model_name_or_path": "embedded:minilm"},
-     {"dataset_name": "embedded:rotten_tomatoes", "max_seq_length": 48, "max_train_samples": 1024},
-     {"num_train_epochs": 2, "learning_rate": 1e-4, "per_device_train_batch_size": 32, "warmup_steps": 6}),
+    (
+        "digits (ViT from config)",
+        "image",
+        {"model_type": "vit"},
+        {"dataset_name": "embedded:digits"},
+        {"num_train_epochs": 6, "learning_rate": 2e-3, "per_device_train_batch_size": 32},
+    ),
+    (
+        "mnist5k (ViT from config)",
+        "image",
+        {"model_type": "vit"},
+        {"dataset_name": "embedded:mnist5k"},
+        {"num_train_epochs": 5, "learning_rate": 3e-3, "per_device_train_batch_size": 64, "warmup_steps": 20},
+    ),
+    (
+        "rotten_tomatoes (tiny BERT from config)",
+        "text",
+        {"model_type": "bert", "tokenizer_name": "embedded:minilm", "config_overrides": TINY_BERT},
+        {"dataset_name": "embedded:rotten_tomatoes", "max_seq_length": 32},
+        {"num_train_epochs": 3, "learning_rate": 3e-3, "per_device_train_batch_size": 64, "warmup_steps": 16},
+    ),
+    (
+        "rotten_tomatoes (pretrained MiniLM)",
+        "text",
+        {"model_name_or_path": "embedded:minilm"},
+        {"dataset_name": "embedded:rotten_tomatoes", "max_seq_length": 48, "max_train_samples": 1024},
+        {"num_train_epochs": 2, "learning_rate": 1e-4, "per_device_train_batch_size": 32, "warmup_steps": 6},
+    ),
 ]
 
 
@@ -41,9 +58,17 @@ def main() -> None:
         results = {}
         for stage in ("untrained", "trained"):
             training_args = SAMTrainingArguments(
-                output_dir=f"{args.output_dir}/{i}-{stage}", do_train=stage == "trained", do_eval=True,
-                report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
-                sam_ascent_steps=args.sam_ascent_steps, **training)
+                output_dir=f"{args.output_dir}/{i}-{stage}",
+                do_train=stage == "trained",
+                do_eval=True,
+                report_to="none",
+                save_strategy="no",
+                use_cpu=True,
+                disable_tqdm=True,
+                seed=0,
+                sam_ascent_steps=args.sam_ascent_steps,
+                **training,
+            )
             start = time.perf_counter()
             metrics = run_classification(kind, ModelArguments(**model), DataArguments(**data), training_args)
             results[stage] = (metrics["eval_accuracy"], time.perf_counter() - start)
