@@ -327,13 +327,16 @@ class MultiStepAscent:
             self._first_grad = full
         self._prev_grad = full
 
+    def _zero(self) -> Tensor:
+        return torch.zeros((), dtype=torch.float64, device=self.params[0].device)
+
     def _drop_perturbation(self) -> None:
         """A non-finite ascent: go back to w and descend there, as a plain step."""
         torch._foreach_copy_(self.params, self._backup)
         self.skipped = True
         self.moved = False
         self._mean_sum = None
-        self.perturbation_norm = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
+        self.perturbation_norm = self._zero()
 
     def _displacement(self) -> list[Tensor]:
         """d = p - w, divided by T under ASAM (the norm the ball is defined in)."""
@@ -344,7 +347,7 @@ class MultiStepAscent:
 
     def _measure_perturbation(self) -> None:
         if not self.moved:
-            self.perturbation_norm = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
+            self.perturbation_norm = self._zero()
         elif self.ascent_steps == 1:
             # one step of length a in the rule's norm: known without touching the weights
             self.perturbation_norm = torch.full((), self.step_size, dtype=torch.float64, device=self.params[0].device)
@@ -354,7 +357,7 @@ class MultiStepAscent:
     def _project(self) -> None:
         """Project w + d onto ||d|| <= rho (||d/T|| under ASAM), without a host sync."""
         if not self.moved:
-            self.perturbation_norm = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
+            self.perturbation_norm = self._zero()
             return
         d = self._displacement()
         norm = _global_norm(d)

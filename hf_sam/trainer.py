@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from .args import SAMTrainingArguments
 from .ascent import MultiStepAscent
@@ -23,15 +23,6 @@ from .config import SAMConfig
 logger = logging.getLogger(__name__)
 
 _CORE_METRICS = ("sam/grad_norm", "sam/loss_clean", "sam/loss_perturbed", "sam/perturbation_norm")
-SAM_METRICS = (
-    "sam/loss_clean",
-    "sam/loss_perturbed",
-    "sam/sharpness",
-    "sam/grad_norm",
-    "sam/perturbation_norm",
-    "sam/skipped_ascents",
-    "sam/zero_gradient_ascents",
-)
 
 
 @contextlib.contextmanager
@@ -64,6 +55,11 @@ def _forced_ddp_sync(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         ddp.require_backward_grad_sync = previous
+
+
+def _unscaled(norm: float, loss_scale: torch.Tensor | None) -> float | torch.Tensor:
+    """A gradient norm of loss-scaled (fp16) gradients, unscaled for the logs without a host sync."""
+    return norm if loss_scale is None else norm / loss_scale.double()
 
 
 class SAMTrainer(Trainer):
@@ -212,13 +208,11 @@ class SAMTrainer(Trainer):
         self, engine: MultiStepAscent, clean: torch.Tensor, perturbed: torch.Tensor, pass_losses: list[torch.Tensor]
     ) -> None:
         sums = self._sam_sums
-        first_norm = engine.grad_norms[0] if engine.grad_norms else 0.0
         scale = self._loss_scale()
-        grad_norm = first_norm / scale.double() if scale is not None else first_norm  # fp16: unscale for the log
         values = {
             "sam/loss_clean": clean.double(),
             "sam/loss_perturbed": perturbed.double(),
-            "sam/grad_norm": grad_norm if isinstance(grad_norm, float) else grad_norm.to(clean.device),
+            "sam/grad_norm": _unscaled(engine.grad_norms[0] if engine.grad_norms else 0.0, scale),
             "sam/perturbation_norm": engine.perturbation_norm.to(clean.device)
             if engine.perturbation_norm is not None
             else 0.0,
@@ -247,7 +241,7 @@ class SAMTrainer(Trainer):
             values[f"sam/ascent_loss_{i + 1}"] = loss.double()
         values["sam/ascent_loss_0"] = pass_losses[0].double()
         for i, norm in enumerate(engine.grad_norms):
-            values[f"sam/ascent_grad_norm_{i + 1}"] = norm / scale.double() if scale is not None else norm
+            values[f"sam/ascent_grad_norm_{i + 1}"] = _unscaled(norm, scale)
         if engine.successive_cosines:
             values["sam/cos_successive"] = torch.stack(engine.successive_cosines).mean()
         if engine.descent_cosine is not None:
@@ -289,4 +283,4 @@ class SAMTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-__all__ = ["SAMTrainer", "SAMTrainingArguments", "TrainingArguments", "frozen_batchnorm_stats"]
+__all__ = ["SAMTrainer", "frozen_batchnorm_stats"]
