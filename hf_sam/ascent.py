@@ -6,7 +6,7 @@ accelerate loop. One training step with k ascent steps is driven as::
     engine.begin()                    # snapshot w, set aside accumulated grads
     for i in range(k):
         loss_fn().backward()          # gradient at w + d_{i-1} lands in p.grad
-        if not engine.ascend():       # move to w + d_i, clear p.grad
+        if not engine.ascend():       # move to w + d_i, zero p.grad
             break                     # non-finite gradient: back at w, stop ascending
     scale = engine.begin_descent()    # grads back in place (plus the "mean" sum)
     (loss_fn() * scale).backward()    # descent gradient is *added* to p.grad
@@ -15,6 +15,11 @@ accelerate loop. One training step with k ascent steps is driven as::
 or all at once with :meth:`MultiStepAscent.step`. The hot path uses foreach kernels (a
 constant number of launches per ascent step) and reads one scalar back to the host per
 ascent step: the gradient norm, to skip non-finite ascents.
+
+The ascent's gradient buffers are zeroed and left in p.grad for the next pass to accumulate
+into, as the floor's passes do, rather than freed and reallocated: on the CPU that churn
+costs a small model about 5% of its step (the allocator hands the pages back to the OS
+and faults them in again).
 """
 
 from __future__ import annotations
@@ -122,11 +127,15 @@ class MultiStepAscent:
         self._held: list[Tensor | None] | None = None  # accumulated grads set aside during the ascent
         self._scale: list[Tensor] | None = None  # ASAM's T, for this step only
         self._mean_sum: list[Tensor | None] | None = None  # "mean": sum of grads at d_1..d_{k-1}
+        # zeroed ascent gradient buffers left in p.grad, with their version counter at zeroing:
+        # a buffer whose version has not moved received no gradient and is put back to None
+        self._spares: dict[int, tuple[Tensor, int]] = {}
         self._in_step = False
         self._reset_step_state()
 
     def _reset_step_state(self) -> None:
         self.steps_taken = 0
+        self._reach = 0.0  # an upper bound on ||d|| in the rule's norm: the steps' lengths added up
         self.moved = False
         self.skipped = False
         self.zero_gradient = False
@@ -160,10 +169,12 @@ class MultiStepAscent:
 
     @torch.no_grad()
     def ascend(self) -> bool:
-        """Take one ascent step with the gradient in p.grad, then clear p.grad.
+        """Take one ascent step with the gradient in p.grad, then zero p.grad in place.
 
-        Returns True while the ascent goes on, False once a non-finite gradient norm has
-        dropped the perturbation (the weights are back at w; stop ascending and descend).
+        Every ascent backward pass must be followed by ascend(): the next pass accumulates
+        into the zeroed buffers. Returns True while the ascent goes on, False once a
+        non-finite gradient norm has dropped the perturbation (the weights are back at w;
+        stop ascending and descend).
         """
         if not self._in_step:
             raise RuntimeError("MultiStepAscent.ascend() called outside begin()/restore().")
@@ -171,11 +182,16 @@ class MultiStepAscent:
         i = self.steps_taken
         if i > self.ascent_steps:
             raise RuntimeError(f"ascend() called more than ascent_steps={self.ascent_steps} times.")
+        self._drop_untouched_spares()
         idx = [j for j, p in enumerate(self.params) if p.grad is not None]
         params = [self.params[j] for j in idx]
         grads = [p.grad for p in params]
-        for p in params:
-            p.grad = None
+        try:
+            return self._ascend_with(i, idx, params, grads)
+        finally:
+            self._recycle(idx, grads, last=i == self.ascent_steps or self.skipped)
+
+    def _ascend_with(self, i: int, idx: list[int], params: list[Tensor], grads: list[Tensor]) -> bool:
         if self.skipped:
             return False
         if self.descent == "mean" and i >= 2:
@@ -204,12 +220,26 @@ class MultiStepAscent:
                 torch._foreach_div_(grads, norm)
                 torch._foreach_add_(params, grads, alpha=self.step_size)
             self.moved = True
-        del grads
-        if self.ascent_rule == "projected":
-            self._project()
+            self._reach += self.step_size  # each step has length step_size in the rule's norm
+        # the consumed gradients are free: d = p - w can be formed in them instead of new memory
+        scratch = grads if len(idx) == len(self.params) else None
+        if self.ascent_rule == "projected" and self._reach > self.rho:
+            self._project(scratch)
         elif i == self.ascent_steps:
-            self._measure_perturbation()
+            # projected too when the steps cannot have left the ball (k=1, or step_mult <= 1/k)
+            self._measure_perturbation(scratch)
         return True
+
+    @torch.no_grad()
+    def shift(self, offsets: list[Tensor]) -> None:
+        """Move the weights by ``offsets`` (one per trainable tensor) inside a step, e.g. to a
+        random start in the ball. Move them only through the engine between begin() and
+        restore(): it bounds ||d|| by the lengths of its own steps to skip needless projections."""
+        if not self._in_step:
+            raise RuntimeError("MultiStepAscent.shift() called outside begin()/restore().")
+        torch._foreach_add_(self.params, [o.to(p) for p, o in zip(self.params, offsets, strict=True)])
+        self.moved = True
+        self._reach = math.inf  # unknown: project (and measure) from here on
 
     @torch.no_grad()
     def begin_descent(self) -> float:
@@ -220,8 +250,6 @@ class MultiStepAscent:
         """
         if not self._in_step:
             raise RuntimeError("MultiStepAscent.begin_descent() called outside begin()/restore().")
-        for p in self.params:
-            p.grad = None  # an ascent pass without a following ascend() leaves nothing behind
         if self.track_directions and self._first_grad is not None:
             # the accumulated grads before this batch, so the descent direction is p.grad minus these
             self._pre_descent = [None if g is None else g.clone() for g in self._held]
@@ -263,7 +291,9 @@ class MultiStepAscent:
         if self._held is not None:  # an error struck before begin_descent(): undo the set-aside
             for p in self.params:
                 p.grad = None
+            self._spares = {}
             self._return_held_grads()
+        self._drop_untouched_spares()
         self._scale = None
         self._mean_sum = None
         self._first_grad = self._prev_grad = self._pre_descent = None
@@ -300,9 +330,36 @@ class MultiStepAscent:
 
     # ----------------------------------------------------------------------- helpers
     def _return_held_grads(self) -> None:
-        for p, g in zip(self.params, self._held, strict=True):
-            p.grad = g
+        """Accumulated grads back in p.grad; where there were none, a zeroed spare stays."""
+        for j, (p, g) in enumerate(zip(self.params, self._held, strict=True)):
+            if g is not None:
+                p.grad = g
+                self._spares.pop(j, None)
         self._held = None
+
+    def _recycle(self, idx: list[int], grads: list[Tensor], last: bool) -> None:
+        """Zero the consumed ascent grads and leave them in p.grad for the next pass.
+
+        After the last ascent step only the tensors with no accumulated gradient keep theirs
+        (the descent accumulates into them); the others get their accumulated grads back.
+        """
+        keep = [(j, g) for j, g in zip(idx, grads, strict=True) if not last or self._held[j] is None]
+        for j in idx:
+            self.params[j].grad = None
+        if not keep:
+            return
+        torch._foreach_zero_([g for _, g in keep])
+        for j, g in keep:
+            self.params[j].grad = g
+            self._spares[j] = (g, g._version)
+
+    def _drop_untouched_spares(self) -> None:
+        """A spare no backward pass accumulated into means "no gradient": None, as without SAM."""
+        for j, (g, version) in self._spares.items():
+            p = self.params[j]
+            if p.grad is g and g._version == version:
+                p.grad = None
+        self._spares = {}
 
     def _add_to_mean_sum(self, idx: list[int], grads: list[Tensor]) -> None:
         """S += g with foreach kernels; a tensor's first gradient is copied in."""
@@ -338,34 +395,45 @@ class MultiStepAscent:
         self._mean_sum = None
         self.perturbation_norm = self._zero()
 
-    def _displacement(self) -> list[Tensor]:
-        """d = p - w, divided by T under ASAM (the norm the ball is defined in)."""
-        d = torch._foreach_sub([p.detach() for p in self.params], self._backup)
+    def _displacement(self, out: list[Tensor] | None = None) -> list[Tensor]:
+        """d = p - w, divided by T under ASAM (the norm the ball is defined in); written into
+        ``out`` (free buffers shaped like the params) when given, else newly allocated."""
+        weights = [p.detach() for p in self.params]
+        if out is None:
+            d = torch._foreach_sub(weights, self._backup)
+        else:
+            d = out
+            torch._foreach_copy_(d, weights)
+            torch._foreach_sub_(d, self._backup)
         if self.adaptive:
             torch._foreach_div_(d, self._scale)
         return d
 
-    def _measure_perturbation(self) -> None:
+    def _measure_perturbation(self, scratch: list[Tensor] | None = None) -> None:
         if not self.moved:
             self.perturbation_norm = self._zero()
-        elif self.ascent_steps == 1:
+        elif self.steps_taken == 1:
             # one step of length a in the rule's norm: known without touching the weights
             self.perturbation_norm = torch.full((), self.step_size, dtype=torch.float64, device=self.params[0].device)
         else:
-            self.perturbation_norm = _global_norm(self._displacement())
+            self.perturbation_norm = _global_norm(self._displacement(scratch))
 
-    def _project(self) -> None:
-        """Project w + d onto ||d|| <= rho (||d/T|| under ASAM), without a host sync."""
+    def _project(self, scratch: list[Tensor] | None = None) -> None:
+        """Project w + d onto ||d|| <= rho (||d/T|| under ASAM), without a host sync.
+
+        ``scratch``: free buffers shaped like the params to hold d (saves an allocation).
+        """
         if not self.moved:
             self.perturbation_norm = self._zero()
             return
-        d = self._displacement()
+        d = self._displacement(scratch)
         norm = _global_norm(d)
         # c = min(1, rho/||d||); the division is safe because a moved point has ||d|| > 0
         shrink = torch.clamp(self.rho / norm.clamp_min(1e-300), max=1.0)
         self.perturbation_norm = norm * shrink
         if self.adaptive:
             torch._foreach_mul_(d, self._scale)  # back to weight units
-        torch._foreach_mul_(d, shrink.to(d[0].dtype))
-        torch._foreach_copy_(self.params, self._backup)
+        # w + c d = (w + d) + (c - 1) d; inside the ball c - 1 = 0 leaves the weights untouched
+        torch._foreach_mul_(d, (shrink - 1).to(d[0].dtype))
         torch._foreach_add_(self.params, d)
+        self._reach = self.rho

@@ -90,7 +90,7 @@ def worst_case_loss(
                 engine.begin()
                 try:
                     if restart:
-                        _random_start(params, rho, generator)
+                        engine.shift(_random_offsets(params, rho, generator))
                     for _ in range(steps):
                         loss = loss_fn(model, batch)
                         worst = max(worst, float(loss.detach()))
@@ -110,12 +110,12 @@ def worst_case_loss(
 
 
 @torch.no_grad()
-def _random_start(params: list[torch.Tensor], rho: float, generator: torch.Generator) -> None:
-    noise = [torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p) for p in params]
-    norm = math.sqrt(sum(float((v.double() ** 2).sum()) for v in noise))
+def _random_offsets(params: list[torch.Tensor], rho: float, generator: torch.Generator) -> list[torch.Tensor]:
+    """A random point of the rho-ball, as one offset per tensor."""
+    noise = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in params]
+    norm = math.sqrt(sum(float((v**2).sum()) for v in noise))
     radius = rho * float(torch.rand((), generator=generator))
-    for p, v in zip(params, noise, strict=True):
-        p.add_(v, alpha=radius / max(norm, 1e-30))
+    return [(v * (radius / max(norm, 1e-30))).to(p) for p, v in zip(params, noise, strict=True)]
 
 
 def _gradient(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], create_graph: bool) -> list[torch.Tensor]:

@@ -182,3 +182,33 @@ def test_protocol_errors_are_clear():
     engine.restore()
     with pytest.raises(ValueError, match="no trainable"):
         MultiStepAscent([torch.ones(2)], ascent_steps=1)
+
+
+@pytest.mark.parametrize("rule", ["normalized", "projected"])
+def test_a_tensor_without_gradient_in_a_pass_keeps_none(rule):
+    # The ascent leaves zeroed gradient buffers in p.grad for the next pass to accumulate
+    # into; a tensor that a later pass does not reach (say an MoE expert that gets no tokens
+    # once the weights move) must still end up with grad None, as the stock step leaves it,
+    # so the optimizer skips it.
+    a = torch.tensor([1.0, -2.0], requires_grad=True)
+    b = torch.tensor([0.5], requires_grad=True)
+    engine = MultiStepAscent([a, b], ascent_steps=2, rho=0.1, ascent_rule=rule)
+    engine.begin()
+    ((a**2).sum() + (b**2).sum()).backward()  # pass 1 reaches a and b
+    assert engine.ascend()
+    a_after_one, b_after_one = a.detach().clone(), b.detach().clone()
+    (a**2).sum().backward()  # pass 2 reaches only a: b takes no step
+    assert engine.ascend()
+    assert b.grad is None
+    if rule == "normalized":  # (projected may pull b back into the ball)
+        assert torch.equal(b.detach(), b_after_one)
+        # step 2 is rho/k along a's gradient alone: b's stale zero buffer must not count
+        step = a.detach() - a_after_one
+        torch.testing.assert_close(step.norm(), torch.tensor(0.05))
+    engine.begin_descent()
+    (a**3).sum().backward()  # the descent reaches only a
+    descent_point = a.detach().clone()
+    engine.restore()
+    assert b.grad is None
+    assert torch.equal(a.grad, 3 * descent_point**2), "the zeroed buffer adds nothing to the descent gradient"
+    assert not torch.equal(a_after_one, descent_point)
