@@ -6,7 +6,7 @@ accelerate loop. One training step with k ascent steps is driven as::
     engine.begin()                    # snapshot w, set aside accumulated grads
     for i in range(k):
         loss_fn().backward()          # gradient at w + d_{i-1} lands in p.grad
-        if not engine.ascend():       # move to w + d_i, zero p.grad
+        if not engine.ascend():       # move to w + d_i, clear p.grad
             break                     # non-finite gradient: back at w, stop ascending
     scale = engine.begin_descent()    # grads back in place (plus the "mean" sum)
     (loss_fn() * scale).backward()    # descent gradient is *added* to p.grad
@@ -15,11 +15,6 @@ accelerate loop. One training step with k ascent steps is driven as::
 or all at once with :meth:`MultiStepAscent.step`. The hot path uses foreach kernels (a
 constant number of launches per ascent step) and reads one scalar back to the host per
 ascent step: the gradient norm, to skip non-finite ascents.
-
-The ascent's gradient buffers are zeroed and left in p.grad for the next pass to accumulate
-into, as the floor's passes do, rather than freed and reallocated: on the CPU that churn
-costs a small model about 5% of its step (the allocator hands the pages back to the OS
-and faults them in again).
 """
 
 from __future__ import annotations
@@ -127,9 +122,6 @@ class MultiStepAscent:
         self._held: list[Tensor | None] | None = None  # accumulated grads set aside during the ascent
         self._scale: list[Tensor] | None = None  # ASAM's T, for this step only
         self._mean_sum: list[Tensor | None] | None = None  # "mean": sum of grads at d_1..d_{k-1}
-        # zeroed ascent gradient buffers left in p.grad, with their version counter at zeroing:
-        # a buffer whose version has not moved received no gradient and is put back to None
-        self._spares: dict[int, tuple[Tensor, int]] = {}
         self._in_step = False
         self._reset_step_state()
 
@@ -169,12 +161,10 @@ class MultiStepAscent:
 
     @torch.no_grad()
     def ascend(self) -> bool:
-        """Take one ascent step with the gradient in p.grad, then zero p.grad in place.
+        """Take one ascent step with the gradient in p.grad, then clear p.grad.
 
-        Every ascent backward pass must be followed by ascend(): the next pass accumulates
-        into the zeroed buffers. Returns True while the ascent goes on, False once a
-        non-finite gradient norm has dropped the perturbation (the weights are back at w;
-        stop ascending and descend).
+        Returns True while the ascent goes on, False once a non-finite gradient norm has
+        dropped the perturbation (the weights are back at w; stop ascending and descend).
         """
         if not self._in_step:
             raise RuntimeError("MultiStepAscent.ascend() called outside begin()/restore().")
@@ -182,16 +172,11 @@ class MultiStepAscent:
         i = self.steps_taken
         if i > self.ascent_steps:
             raise RuntimeError(f"ascend() called more than ascent_steps={self.ascent_steps} times.")
-        self._drop_untouched_spares()
         idx = [j for j, p in enumerate(self.params) if p.grad is not None]
         params = [self.params[j] for j in idx]
         grads = [p.grad for p in params]
-        try:
-            return self._ascend_with(i, idx, params, grads)
-        finally:
-            self._recycle(idx, grads, last=i == self.ascent_steps or self.skipped)
-
-    def _ascend_with(self, i: int, idx: list[int], params: list[Tensor], grads: list[Tensor]) -> bool:
+        for p in params:
+            p.grad = None
         if self.skipped:
             return False
         if self.descent == "mean" and i >= 2:
@@ -250,6 +235,8 @@ class MultiStepAscent:
         """
         if not self._in_step:
             raise RuntimeError("MultiStepAscent.begin_descent() called outside begin()/restore().")
+        for p in self.params:
+            p.grad = None  # an ascent pass without a following ascend() leaves nothing behind
         if self.track_directions and self._first_grad is not None:
             # the accumulated grads before this batch, so the descent direction is p.grad minus these
             self._pre_descent = [None if g is None else g.clone() for g in self._held]
@@ -291,9 +278,7 @@ class MultiStepAscent:
         if self._held is not None:  # an error struck before begin_descent(): undo the set-aside
             for p in self.params:
                 p.grad = None
-            self._spares = {}
             self._return_held_grads()
-        self._drop_untouched_spares()
         self._scale = None
         self._mean_sum = None
         self._first_grad = self._prev_grad = self._pre_descent = None
@@ -330,36 +315,9 @@ class MultiStepAscent:
 
     # ----------------------------------------------------------------------- helpers
     def _return_held_grads(self) -> None:
-        """Accumulated grads back in p.grad; where there were none, a zeroed spare stays."""
-        for j, (p, g) in enumerate(zip(self.params, self._held, strict=True)):
-            if g is not None:
-                p.grad = g
-                self._spares.pop(j, None)
+        for p, g in zip(self.params, self._held, strict=True):
+            p.grad = g
         self._held = None
-
-    def _recycle(self, idx: list[int], grads: list[Tensor], last: bool) -> None:
-        """Zero the consumed ascent grads and leave them in p.grad for the next pass.
-
-        After the last ascent step only the tensors with no accumulated gradient keep theirs
-        (the descent accumulates into them); the others get their accumulated grads back.
-        """
-        keep = [(j, g) for j, g in zip(idx, grads, strict=True) if not last or self._held[j] is None]
-        for j in idx:
-            self.params[j].grad = None
-        if not keep:
-            return
-        torch._foreach_zero_([g for _, g in keep])
-        for j, g in keep:
-            self.params[j].grad = g
-            self._spares[j] = (g, g._version)
-
-    def _drop_untouched_spares(self) -> None:
-        """A spare no backward pass accumulated into means "no gradient": None, as without SAM."""
-        for j, (g, version) in self._spares.items():
-            p = self.params[j]
-            if p.grad is g and g._version == version:
-                p.grad = None
-        self._spares = {}
 
     def _add_to_mean_sum(self, idx: list[int], grads: list[Tensor]) -> None:
         """S += g with foreach kernels; a tensor's first gradient is copied in."""
