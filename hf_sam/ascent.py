@@ -148,7 +148,7 @@ class MultiStepAscent:
         if self._backup is None:
             self._backup = [p.detach().clone() for p in self.params]
         else:
-            torch._foreach_copy_(self._backup, [p.detach() for p in self.params])
+            torch._foreach_copy_(self._backup, self.params)
         self._held = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
@@ -356,12 +356,11 @@ class MultiStepAscent:
     def _displacement(self, out: list[Tensor] | None = None) -> list[Tensor]:
         """d = p - w, divided by T under ASAM (the norm the ball is defined in); written into
         ``out`` (free buffers shaped like the params) when given, else newly allocated."""
-        weights = [p.detach() for p in self.params]
         if out is None:
-            d = torch._foreach_sub(weights, self._backup)
+            d = torch._foreach_sub(self.params, self._backup)
         else:
             d = out
-            torch._foreach_copy_(d, weights)
+            torch._foreach_copy_(d, self.params)
             torch._foreach_sub_(d, self._backup)
         if self.adaptive:
             torch._foreach_div_(d, self._scale)

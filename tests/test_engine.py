@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import set_seed
 
 from hf_sam import MultiStepAscent, SAMConfig
@@ -211,3 +212,57 @@ def test_a_tensor_without_gradient_in_a_pass_keeps_none(rule):
     assert b.grad is None
     assert torch.equal(a.grad, 3 * descent_point**2)
     assert not torch.equal(a_after_one, descent_point)
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten calls made from Python (a foreach call counts once, like its launch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_per_phase(n_tensors: int, **engine_kwargs) -> dict[str, list[str]]:
+    torch.manual_seed(0)
+    params = [torch.randn(5, requires_grad=True) for _ in range(n_tensors)]
+    grads = [[torch.randn(5) for _ in params] for _ in range(3)]
+    engine = MultiStepAscent(params, ascent_steps=3, rho=0.05, **engine_kwargs)
+    phases: dict[str, list[str]] = {}
+    for _step in range(2):  # the second step reuses the weight copy: count that one
+        for p in params:
+            p.grad = torch.randn(5)  # a gradient already accumulated (gradient accumulation)
+        with _CountOps() as counter:
+            engine.begin()
+        phases["begin"] = counter.ops
+        for i in range(3):
+            for p, g in zip(params, grads[i], strict=True):
+                p.grad = g.clone()
+            with _CountOps() as counter:
+                assert engine.ascend()
+            phases[f"ascend_{i + 1}"] = counter.ops
+        with _CountOps() as counter:
+            engine.begin_descent()
+            engine.restore()
+        phases["descent"] = counter.ops
+    return phases
+
+
+@pytest.mark.parametrize(
+    "engine_kwargs",
+    [
+        {"ascent_rule": "normalized"},
+        {"ascent_rule": "projected", "step_mult": 1.0},
+        {"ascent_rule": "accumulated", "descent": "mean"},
+        {"ascent_rule": "projected", "adaptive": True},
+    ],
+)
+def test_ops_per_ascent_step_do_not_grow_with_the_number_of_tensors(engine_kwargs):
+    # foreach kernels: the same calls (and so, on a GPU, about the same launches) for 3 or 60
+    # parameter tensors; a per-tensor Python loop would show up here as 20 times more calls
+    few, many = _ops_per_phase(3, **engine_kwargs), _ops_per_phase(60, **engine_kwargs)
+    assert few == many
+    assert all(len(ops) <= 25 for ops in many.values()), many
