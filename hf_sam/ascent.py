@@ -128,6 +128,7 @@ class MultiStepAscent:
     def _reset_step_state(self) -> None:
         self.steps_taken = 0
         self._reach = 0.0  # an upper bound on ||d|| in the rule's norm: the steps' lengths added up
+        self._measure_on_restore = False
         self.moved = False
         self.skipped = False
         self.zero_gradient = False
@@ -206,13 +207,12 @@ class MultiStepAscent:
                 torch._foreach_add_(params, grads, alpha=self.step_size)
             self.moved = True
             self._reach += self.step_size  # each step has length step_size in the rule's norm
-        # the consumed gradients are free: d = p - w can be formed in them instead of new memory
-        scratch = grads if len(idx) == len(self.params) else None
         if self.ascent_rule == "projected" and self._reach > self.rho:
-            self._project(scratch)
+            # the consumed gradients are free: d = p - w is formed in them, not in new memory
+            self._project(grads if len(idx) == len(self.params) else None)
         elif i == self.ascent_steps:
             # projected too when the steps cannot have left the ball (k=1, or step_mult <= 1/k)
-            self._measure_perturbation(scratch)
+            self._measure_perturbation()
         return True
 
     @torch.no_grad()
@@ -274,6 +274,14 @@ class MultiStepAscent:
         """Copy the weights back from the snapshot (bit-exact); safe to call after an error."""
         if not self._in_step:
             return
+        if self._measure_on_restore:
+            # ||d|| of a multi-step ascent, from p - w formed in the weights just before they are
+            # overwritten: one pass fewer than forming it in a separate buffer
+            torch._foreach_sub_(self.params, self._backup)
+            if self.adaptive:
+                torch._foreach_div_(self.params, self._scale)
+            self.perturbation_norm = _global_norm(self.params)
+            self._measure_on_restore = False
         torch._foreach_copy_(self.params, self._backup)
         if self._held is not None:  # an error struck before begin_descent(): undo the set-aside
             for p in self.params:
@@ -366,14 +374,14 @@ class MultiStepAscent:
             torch._foreach_div_(d, self._scale)
         return d
 
-    def _measure_perturbation(self, scratch: list[Tensor] | None = None) -> None:
+    def _measure_perturbation(self) -> None:
         if not self.moved:
             self.perturbation_norm = self._zero()
         elif self.steps_taken == 1:
             # one step of length a in the rule's norm: known without touching the weights
             self.perturbation_norm = torch.full((), self.step_size, dtype=torch.float64, device=self.params[0].device)
         else:
-            self.perturbation_norm = _global_norm(self._displacement(scratch))
+            self._measure_on_restore = True  # set by restore()
 
     def _project(self, scratch: list[Tensor] | None = None) -> None:
         """Project w + d onto ||d|| <= rho (||d/T|| under ASAM), without a host sync.

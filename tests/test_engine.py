@@ -266,3 +266,27 @@ def test_ops_per_ascent_step_do_not_grow_with_the_number_of_tensors(engine_kwarg
     few, many = _ops_per_phase(3, **engine_kwargs), _ops_per_phase(60, **engine_kwargs)
     assert few == many
     assert all(len(ops) <= 25 for ops in many.values()), many
+
+
+@pytest.mark.parametrize("rule", ["normalized", "projected", "accumulated"])
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("k", [1, 3])
+def test_perturbation_norm_is_the_norm_of_the_descent_point(rule, adaptive, k):
+    # measured from the weights at the descent point, in float64, in the rule's norm
+    torch.manual_seed(1)
+    params = [torch.randn(4, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    w = [p.detach().clone() for p in params]
+    engine = MultiStepAscent(params, ascent_steps=k, rho=0.2, ascent_rule=rule, adaptive=adaptive)
+    engine.begin()
+    for _ in range(k):
+        sum((p**3).sum() for p in params).backward()
+        assert engine.ascend()
+    at_descent = [p.detach().double().clone() for p in params]
+    engine.begin_descent()
+    engine.restore()
+    scale = [(x.double().abs() + 0.01) if adaptive else torch.ones_like(x, dtype=torch.float64) for x in w]
+    want = math.sqrt(
+        sum(float((((a - x.double()) / t) ** 2).sum()) for a, x, t in zip(at_descent, w, scale, strict=True))
+    )
+    assert float(engine.perturbation_norm) == pytest.approx(want, rel=1e-5)
+    assert all(torch.equal(p.detach(), x) for p, x in zip(params, w, strict=True))
