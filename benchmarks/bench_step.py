@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import statistics
@@ -269,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     bf16 = device == "cuda"
     steps = args.steps or (15 if device == "cpu" else 20)
     variants = variant_list(args.ks, args.rules)
+    if importlib.util.find_spec("pytorch_optimizer") is None:
+        print("# pytorch_optimizer is not installed (pip install -e '.[bench]'): no peer rows", file=sys.stderr)
+        variants = [v for v in variants if v[0] != "peer"]
     rows = []
     header = (
         f"{'model':28} {'variant':7} {'k':>2} {'rule':12} {'ms':>9} {'x floor':>8} {'x trainer':>9} {'peak MiB':>9}"

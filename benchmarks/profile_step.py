@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch_profiler", action="store_true")
     args = parser.parse_args(argv)
     device = "cuda" if args.preset == "gpu" else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: --preset gpu needs a CUDA device", file=sys.stderr)
+        return 2
     if device == "cpu":
         torch.set_num_threads(1)
     chosen = [c for c in cases(args.preset, device) if c.name.startswith(args.model)]

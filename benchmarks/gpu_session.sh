@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The one prepared run for a lent GPU: the bf16/fp16 check, the GPU benchmark and the profile of one
+# step, each under its own time limit so one slow part cannot eat the others; outputs under $OUT.
+#
+# Needs only torch and transformers there (hf_sam runs from the checkout). The peer comes as a wheel;
+# once, here, in the repo's root:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl pytorch-optimizer==4.1.0
+# then run it with the device tool: command "bash benchmarks/gpu_session.sh", carry [".whl"],
+# timeout_s 560. Record the tables in benchmarks/RESULTS.md with the date, the card and the
+# versions (versions.txt).
+set -uo pipefail
+out=${OUT:-gpu_out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl &&
+        export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+{
+    nvidia-smi
+    python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
+} >"$out/versions.txt" 2>&1
+cat "$out/versions.txt"
+timeout 120 python3 benchmarks/gpu_check.py 2>&1 | tee "$out/gpu_check.txt"
+timeout 300 python3 benchmarks/bench_step.py --preset gpu --json "$out/gpu_results.json" 2>&1 | tee "$out/gpu_bench.txt"
+timeout 90 python3 benchmarks/profile_step.py --preset gpu --model bert-base --k 1 --steps 20 --torch_profiler 2>&1 |
+    tee "$out/gpu_profile.txt"
