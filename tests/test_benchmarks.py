@@ -1,0 +1,47 @@
+"""The benchmark scripts run end to end on one tiny configuration, so they do not rot between
+the rare sessions that have a GPU to run them on."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def test_bench_step_rows_and_ratios(tmp_path):
+    out = tmp_path / "rows.json"
+    args = ["--models", "resnet", "--ks", "1", "--rules", "projected", "--steps", "2", "--warmup", "1"]
+    subprocess.run(
+        [sys.executable, "benchmarks/bench_step.py", *args, "--json", str(out)], cwd=ROOT, env=ENV, check=True
+    )
+    rows = json.loads(out.read_text())
+    by = {(r["variant"], r["k"]): r for r in rows}
+    assert {("plain", 0), ("floor", 0), ("floor", 1), ("sam", 1)} <= set(by)
+    assert all({"model", "variant", "k", "rule", "ms_median", "ratio_to_floor", "peak_mib"} <= set(r) for r in rows)
+    sam, floor = by["sam", 1], by["floor", 1]["ms_median"]
+    assert sam["rule"] == "projected"
+    assert sam["ratio_to_floor"] == pytest.approx(sam["ms_median"] / floor, rel=1e-3)
+    trainer_floor = by["plain", 0]["ms_median"] + floor - by["floor", 0]["ms_median"]
+    assert sam["ratio_to_trainer_floor"] == pytest.approx(sam["ms_median"] / trainer_floor, rel=1e-3)
+    # the model alone is 1.2M fp32 weights (4.8 MiB): every variant's peak holds at least that
+    assert all(r["peak_mib"] > 4.7 for r in rows)
+
+
+def test_profile_step_splits_a_step():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/profile_step.py", "--model", "resnet", "--k", "2", "--steps", "2"],
+        cwd=ROOT,
+        env=ENV,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
+    assert "(3 per step)" in lines["forward+backward"]
+    assert "(2 per step)" in lines["ascend"]
+    assert {"begin", "restore", "other"} <= set(lines)
