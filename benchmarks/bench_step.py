@@ -17,7 +17,8 @@ plain passes (plain + floor_k - floor_0), which leaves out the Trainer's own per
 
 Peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the growth of the peak RSS of a
 fresh process that builds the model and runs only that variant (model, activations, gradients,
-optimizer state and SAM's copy), so variants do not see each other's peaks.
+optimizer state and SAM's copy), so variants do not see each other's peaks, with glibc told to
+return freed tensors to the OS at once (MALLOC_MMAP_THRESHOLD_), so the RSS follows the tensors.
 """
 
 from __future__ import annotations
@@ -244,7 +245,18 @@ def peak_mib(preset: str, index: int, case: Case, variant, bf16: bool, device: s
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_peak_child, args=(preset, index, variant, bf16, device, queue))
-    proc.start()
+    # A fixed mmap threshold makes glibc hand every freed tensor above 64 KiB back to the OS at once,
+    # so the RSS follows the live tensors; with its default, adaptive threshold the heap keeps freed
+    # memory and the peaks wander by +-15 MiB from run to run.
+    previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        proc.start()
+    finally:
+        if previous is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
     value = queue.get(timeout=600)
     proc.join()
     return value
