@@ -173,6 +173,7 @@ def make_variant(kind: str, model, batch, k: int, rule: str, bf16: bool, device:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    step.trainer = trainer  # for benchmarks/profile_step.py, which times the trainer's phases
     return step
 
 

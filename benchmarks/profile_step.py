@@ -37,12 +37,6 @@ def _timed(store: dict, label: str, fn, device: str):
     return wrapper
 
 
-def _trainer_of(step):
-    from hf_sam import SAMTrainer
-
-    return next(c.cell_contents for c in step.__closure__ if isinstance(c.cell_contents, SAMTrainer))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
@@ -66,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     bf16 = device == "cuda"
     floor = make_variant("floor", model, batch, args.k, "-", bf16, device)
     sam = make_variant("sam", model, batch, args.k, args.rule, bf16, device)
-    trainer = _trainer_of(sam)
+    trainer = sam.trainer
     engine = trainer._engine()
     phases: dict[str, list[float]] = defaultdict(list)
     for name in ("begin", "ascend", "begin_descent", "restore"):
