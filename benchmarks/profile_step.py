@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Where a SAMTrainer step's time goes: each phase of the step, next to a plain pass.
 
-Wraps the engine's phases (begin, ascend, begin_descent, restore) and the trainer's
-forward+backward pass with timers, runs interleaved with the floor (k+1 plain passes), and prints
-the median milliseconds per phase per step; "other" is what the step spends outside them (the
-Trainer's model.train(), input preparation, context managers). With --torch_profiler it also prints
+Wraps the engine's phases (begin, ascend, begin_descent, restore) and the trainer's extra
+forward+backward passes (all but the clean one) with timers, runs interleaved with the floor (k+1
+plain passes), and prints the median milliseconds per phase per step; "clean pass + Trainer" is
+what the step spends outside them (the Trainer's own step with the clean pass, model.train(),
+input preparation, context managers). With --torch_profiler it also prints
 torch.profiler's operator table for a few steps.
 
     OMP_NUM_THREADS=1 python benchmarks/profile_step.py --model resnet-small --k 1
@@ -61,11 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     floor = make_variant("floor", model, batch, args.k, "-", bf16, device)
     sam = make_variant("sam", model, batch, args.k, args.rule, bf16, device)
     trainer = sam.trainer
-    engine = trainer._engine()
+    engine = trainer._sam_bind(model)  # the step binds to the same model, so this engine is the one used
     phases: dict[str, list[float]] = defaultdict(list)
     for name in ("begin", "ascend", "begin_descent", "restore"):
         setattr(engine, name, _timed(phases, name, getattr(engine, name), device))
-    trainer._forward_backward = _timed(phases, "forward+backward", trainer._forward_backward, device)
+    # the clean pass runs inside the Trainer's own step ("other"); the extra passes are _sam_pass
+    trainer._sam_pass = _timed(phases, "extra passes", trainer._sam_pass, device)
     trainer.training_step = _timed(phases, "training_step", trainer.training_step, device)
     totals: dict[str, list[float]] = defaultdict(list)
     for i in range(args.steps + 3):
@@ -87,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("floor", "sam"):
         print(f"{'total ' + name:24} {statistics.median(totals[name]) * 1000:9.2f}")
     inside = 0.0
-    for name in ("forward+backward", "begin", "ascend", "begin_descent", "restore"):
+    for name in ("extra passes", "begin", "ascend", "begin_descent", "restore"):
         value = per_step(name)
         inside += value
         print(f"  {name:22} {value:9.2f}  ({len(warm[name]) // args.steps} per step)")
-    print(f"  {'other (Trainer)':22} {per_step('training_step') - inside:9.2f}")
+    print(f"  {'clean pass + Trainer':22} {per_step('training_step') - inside:9.2f}")
     if args.torch_profiler:
         from torch.profiler import ProfilerActivity, profile
 

@@ -1,10 +1,37 @@
 """hf-sam: multi-step Sharpness-Aware Minimization for the Hugging Face Trainer."""
 
-from .args import SAMTrainingArguments
+from typing import Any
+
+from .args import SAMArgumentsMixin, SAMSeq2SeqTrainingArguments, SAMTrainingArguments
 from .ascent import MultiStepAscent
+from .checks import upcast_trainable_parameters
 from .config import SAMConfig
-from .trainer import SAMTrainer
+from .trainer import SAMMixin, SAMSeq2SeqTrainer, SAMTrainer
 
 __version__ = "0.1.0"
 
-__all__ = ["MultiStepAscent", "SAMConfig", "SAMTrainer", "SAMTrainingArguments", "__version__"]
+# TRL stays optional: these names import it on first use
+_TRL_NAMES = ("SAMSFTTrainer", "SAMSFTConfig", "SAMDPOTrainer", "SAMDPOConfig")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TRL_NAMES:
+        from .integrations import trl
+
+        return getattr(trl, name)
+    raise AttributeError(f"module 'hf_sam' has no attribute {name!r}")
+
+
+__all__ = [
+    "MultiStepAscent",
+    "SAMArgumentsMixin",
+    "SAMConfig",
+    "SAMMixin",
+    "SAMSeq2SeqTrainer",
+    "SAMSeq2SeqTrainingArguments",
+    "SAMTrainer",
+    "SAMTrainingArguments",
+    "upcast_trainable_parameters",
+    "__version__",
+    *_TRL_NAMES,
+]

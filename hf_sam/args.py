@@ -1,17 +1,26 @@
-"""SAMTrainingArguments: TrainingArguments plus the ``sam_*`` flags of every HfArgumentParser CLI."""
+"""The ``sam_*`` flags of every HfArgumentParser CLI.
+
+``SAMArgumentsMixin`` holds only the SAM fields, so it can be put in front of any arguments class
+(``TrainingArguments``, ``Seq2SeqTrainingArguments``, TRL's ``SFTConfig``...) without touching that
+class's own defaults: ``class SAMSFTConfig(SAMArgumentsMixin, SFTConfig)``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import TrainingArguments
+from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 from .config import ASCENT_RULES, DESCENT_RULES, SAMConfig
 
 
 @dataclass
-class SAMTrainingArguments(TrainingArguments):
-    """TrainingArguments with the multi-step SAM knobs; see :class:`hf_sam.SAMConfig`."""
+class SAMArgumentsMixin:
+    """The multi-step SAM knobs as ``sam_*`` dataclass fields; see :class:`hf_sam.SAMConfig`.
+
+    Put it first in the bases of an arguments dataclass: the other class's defaults are kept and
+    the ``sam_*`` values are validated before anything else.
+    """
 
     sam_ascent_steps: int = field(
         default=1,
@@ -44,7 +53,13 @@ class SAMTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "DDP: all-reduce the ascent gradients instead of perturbing per device."},
     )
-
+    sam_replay_rng: bool = field(
+        default=False,
+        metadata={
+            "help": "Replay the clean pass's random state (dropout masks) in every ascent and descent pass, so "
+            "that sam/sharpness measures the perturbation and not dropout noise."
+        },
+    )
     sam_diagnostics: bool = field(
         default=False,
         metadata={
@@ -53,10 +68,22 @@ class SAMTrainingArguments(TrainingArguments):
         },
     )
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if TrainingArguments in mro and mro.index(TrainingArguments) < mro.index(SAMArgumentsMixin):
+            raise TypeError(
+                f"{cls.__name__}: put SAMArgumentsMixin before the arguments class in the bases, e.g. "
+                f"`class {cls.__name__}(SAMArgumentsMixin, {cls.__bases__[0].__name__})`; otherwise the sam_* "
+                "values are never validated."
+            )
+
     def __post_init__(self) -> None:
         # Validate the SAM knobs first: they are cheap and the error should come before anything else.
         self.sam_config  # noqa: B018 - raises ValueError naming the sam_* field
-        super().__post_init__()
+        parent = super()
+        if hasattr(parent, "__post_init__"):
+            parent.__post_init__()
 
     @property
     def sam_config(self) -> SAMConfig:
@@ -71,5 +98,16 @@ class SAMTrainingArguments(TrainingArguments):
             adaptive_eta=self.sam_adaptive_eta,
             descent=self.sam_descent,
             sync_ascent=self.sam_sync_ascent,
+            replay_rng=self.sam_replay_rng,
             diagnostics=self.sam_diagnostics,
         )
+
+
+@dataclass
+class SAMTrainingArguments(SAMArgumentsMixin, TrainingArguments):
+    """TrainingArguments with the multi-step SAM knobs; see :class:`hf_sam.SAMConfig`."""
+
+
+@dataclass
+class SAMSeq2SeqTrainingArguments(SAMArgumentsMixin, Seq2SeqTrainingArguments):
+    """Seq2SeqTrainingArguments with the multi-step SAM knobs."""

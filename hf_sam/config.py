@@ -20,6 +20,8 @@ class SAMConfig:
     adaptive: ASAM, scale by T = |w| + adaptive_eta elementwise.
     descent: "last" (gradient at w+d_k) or "mean" (mean of the gradients at w+d_1..w+d_k).
     sync_ascent: under DDP, all-reduce the ascent gradients (one perturbation for all ranks).
+    replay_rng: run every ascent and descent pass with the random state of the clean pass (the same
+        dropout masks), so that the loss difference is the perturbation's alone.
     diagnostics: log the loss and gradient norm at every ascent point and the cosines between
         the ascent and descent gradients (costs two gradient copies and a few reductions).
     """
@@ -32,6 +34,7 @@ class SAMConfig:
     adaptive_eta: float = 0.01
     descent: str = "last"
     sync_ascent: bool = False
+    replay_rng: bool = False
     diagnostics: bool = False
 
     def __post_init__(self) -> None:
@@ -66,7 +69,7 @@ class SAMConfig:
             fail("step_mult", self.step_mult, "it must be > 0")
         if self.adaptive_eta < 0:
             fail("adaptive_eta", self.adaptive_eta, "it must be >= 0")
-        for name in ("adaptive", "sync_ascent", "diagnostics"):
+        for name in ("adaptive", "sync_ascent", "replay_rng", "diagnostics"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, getattr(self, name), "it must be True or False")
         # Options that only mean something for another setting: refuse rather than ignore silently.
@@ -98,6 +101,7 @@ class SAMConfig:
         """The keyword arguments of :class:`hf_sam.ascent.MultiStepAscent` for this config."""
         kwargs = self.to_dict()
         kwargs.pop("sync_ascent")
+        kwargs.pop("replay_rng")
         kwargs["track_directions"] = kwargs.pop("diagnostics")
         return kwargs
 

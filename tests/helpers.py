@@ -52,7 +52,10 @@ class LogRecorder(TrainerCallback):
 
 def sam_trainer(tmp_path, model, data, callbacks=(), **overrides) -> SAMTrainer:
     args = SAMTrainingArguments(output_dir=str(tmp_path), **{**BASE_ARGS, **overrides})
-    return SAMTrainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks))
+    trainer = SAMTrainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks))
+    # set by the Trainer's loop; tests that call training_step directly bypass it
+    trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
+    return trainer
 
 
 def plain_trainer(tmp_path, model, data, callbacks=(), **overrides) -> Trainer:

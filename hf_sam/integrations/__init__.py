@@ -1,0 +1,1 @@
+"""SAM trainers for libraries built on the Trainer (imported lazily: they stay optional)."""
