@@ -90,9 +90,7 @@ class SAMStepMetrics:
         if n:
             # every rank has the core keys; the diagnostics may differ between ranks and stay local
             keys = sorted(self._sums, key=lambda key: (key not in _CORE_METRICS, key))
-            vec = torch.stack(
-                [torch.as_tensor(self._sums[key], dtype=torch.float64).reshape(()).cpu() for key in keys]
-            )
+            vec = torch.stack([torch.as_tensor(self._sums[key], dtype=torch.float64).reshape(()).cpu() for key in keys])
             if accelerator.num_processes > 1:
                 core = len(_CORE_METRICS)
                 reduced = accelerator.reduce(vec[:core].to(accelerator.device), reduction="mean").cpu()

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Seq2SeqTrainer, Trainer
+from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 
 from .args import SAMArgumentsMixin
 from .ascent import MultiStepAscent
@@ -21,6 +21,24 @@ from .config import SAMConfig
 from .launch import GradientSync
 from .sam_step import RandomState, SAMMicroBatch, frozen_batchnorm_stats, rolled_back
 from .step_metrics import SAMStepMetrics
+
+
+class _EverySAMStepRan(TrainerCallback):
+    """Fails the first optimizer step made without a SAM micro-batch: a training_step override
+    that neither calls super().training_step() nor accelerator.backward() trains without SAM."""
+
+    def __init__(self, trainer: SAMMixin) -> None:
+        self.trainer = trainer
+        self.seen = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        ran = self.trainer.sam_micro_batches_run
+        if ran == self.seen:
+            raise RuntimeError(
+                f"{type(self.trainer).__name__}: an optimizer step ran without a SAM step. Its training_step "
+                "override must call super().training_step() (SAM runs inside it)."
+            )
+        self.seen = ran
 
 
 class SAMMixin:
@@ -59,7 +77,9 @@ class SAMMixin:
         self._sam_bound_to: nn.Module | None = None
         self._sam_batchnorms: list[nn.Module] = []
         self._sam_metrics = SAMStepMetrics(sam_config.diagnostics)
+        self.sam_micro_batches_run = 0
         if sam_config.ascent_steps >= 1:
+            self.add_callback(_EverySAMStepRan(self))
             check_launch(self)
             if self.model is not None:
                 check_trainable_dtypes(self.model)
@@ -172,6 +192,7 @@ class SAMMixin:
                 f"{type(self).__name__}.training_step made no accelerator.backward() call, so SAM could not run: "
                 "a training_step override must call super().training_step() or self.accelerator.backward()."
             )
+        self.sam_micro_batches_run += 1
         self._sam_metrics.record(
             engine, micro.clean, micro.perturbed, micro.pass_losses, self._loss_scale(), self.state.global_step
         )

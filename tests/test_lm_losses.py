@@ -109,4 +109,3 @@ def test_seq2seq_update_matches_float64_reference(tmp_path, k, token_mean):
     ).train()
     for n, value in want.items():
         torch.testing.assert_close(rec.final[n], value, rtol=0, atol=ATOL, msg=n)
-

@@ -96,8 +96,18 @@ def test_sam_config_keeps_every_trl_default(tmp_path):
     assert {key: combined[key] for key in plain} == plain
     # TRL's defaults, not the Trainer's (5e-5, 500, bf16 off)
     assert (plain["learning_rate"], plain["logging_steps"], plain["bf16"]) == (2e-5, 10, True)
-    parsed, = HfArgumentParser(SAMSFTConfig).parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--use_cpu", "--sam_ascent_steps", "3", "--sam_rho", "0.1", "--max_length", "64"]
+    (parsed,) = HfArgumentParser(SAMSFTConfig).parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--use_cpu",
+            "--sam_ascent_steps",
+            "3",
+            "--sam_rho",
+            "0.1",
+            "--max_length",
+            "64",
+        ]
     )
     assert (parsed.sam_config.ascent_steps, parsed.sam_config.rho, parsed.max_length) == (3, 0.1, 64)
     assert parsed.learning_rate == 2e-5
@@ -149,7 +159,7 @@ def test_dpo_reference_once_per_micro_batch_and_metrics_from_the_clean_pass(tmp_
     for k in (0, 2):
         ref = gpt2(dtype=torch.float32, seed=1)
         calls = []
-        ref.register_forward_pre_hook(lambda *_: calls.append(1))
+        ref.register_forward_pre_hook(lambda *_, seen=calls: seen.append(1))
         rec = LogRecorder()
         args = SAMDPOConfig(
             output_dir=str(tmp_path / str(k)), max_steps=3, learning_rate=0.0, sam_ascent_steps=k, sam_rho=0.3,
