@@ -15,6 +15,10 @@ accelerate loop. One training step with k ascent steps is driven as::
 or all at once with :meth:`MultiStepAscent.step`. The hot path uses foreach kernels (a
 constant number of launches per ascent step) and reads one scalar back to the host per
 ascent step: the gradient norm, to skip non-finite ascents.
+
+FSDP2 (``fully_shard``) parameters are DTensor shards: the engine works on their local tensors
+and takes every norm over all shards (:mod:`hf_sam.tensors`), so the perturbation is the one a
+single process holding the whole model would take from the same (synchronized) gradient.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
+from .descents import MeanDescentSum
+from .directions import DirectionTracker
+from .tensors import ShardLayout, global_norm, local
+
 _RULES = ("normalized", "projected", "accumulated")
 _DESCENTS = ("last", "mean")
 # Above this the single fused "p += (a/||g||) g" would overflow fp32; divide first instead.
@@ -33,27 +41,13 @@ _MAX_FUSED_SCALE = 1e30
 _UNDERFLOW_RISK = 1e-15
 
 
-def _global_norm(tensors: list[Tensor], dtype: torch.dtype | None = None) -> Tensor:
-    """Euclidean norm of a list of tensors (in ``dtype`` if given), as a 0-d float64 tensor."""
-    if not tensors:
-        return torch.zeros((), dtype=torch.float64)
-    per_tensor = torch._foreach_norm(tensors, 2, dtype=dtype) if dtype else torch._foreach_norm(tensors, 2)
-    return torch.linalg.vector_norm(torch.stack(per_tensor).double())
-
-
-def _gradient_norm(tensors: list[Tensor]) -> float:
+def _gradient_norm(grads: list[Tensor], layout: ShardLayout, flags: list[bool]) -> float:
     """The global norm on the host: fast in the tensors' dtype, redone in float64 only when the
     fast one may have overflowed or underflowed (squares of fp32 values beyond ~1e19 or below ~1e-19)."""
-    norm = _global_norm(tensors).item()  # the one host sync of an ascent step
+    norm = global_norm(grads, layout, flags).item()  # the one host sync of an ascent step
     if not math.isfinite(norm) or norm < _UNDERFLOW_RISK:
-        norm = _global_norm(tensors, dtype=torch.float64).item()
+        norm = global_norm(grads, layout, flags, dtype=torch.float64).item()
     return norm
-
-
-def _cosine(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    dot = torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)]).sum()
-    denominator = _global_norm(a) * _global_norm(b)
-    return torch.where(denominator > 0, dot / denominator.clamp_min(1e-300), torch.zeros_like(dot))
 
 
 class MultiStepAscent:
@@ -104,6 +98,7 @@ class MultiStepAscent:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("MultiStepAscent got no trainable parameters.")
+        self._layout = ShardLayout(self.params)
         self.ascent_steps = int(ascent_steps)
         self.rho = float(rho)
         self.ascent_rule = ascent_rule
@@ -118,10 +113,12 @@ class MultiStepAscent:
             self.step_size = self.rho * self.step_mult
         else:
             self.step_size = self.rho
+        self._weights: list[Tensor] = self._layout.locals(self.params)  # local shards under FSDP2
         self._backup: list[Tensor] | None = None  # the one fp32 copy of the weights, reused every step
         self._held: list[Tensor | None] | None = None  # accumulated grads set aside during the ascent
         self._scale: list[Tensor] | None = None  # ASAM's T, for this step only
-        self._mean_sum: list[Tensor | None] | None = None  # "mean": sum of grads at d_1..d_{k-1}
+        self._mean: MeanDescentSum | None = None  # "mean": sum of grads at d_1..d_{k-1}
+        self._directions: DirectionTracker | None = None  # with track_directions only
         self._in_step = False
         self._reset_step_state()
 
@@ -136,9 +133,6 @@ class MultiStepAscent:
         self.perturbation_norm: Tensor | None = None
         self.successive_cosines: list[Tensor] = []  # with track_directions only
         self.descent_cosine: Tensor | None = None
-        self._first_grad: list[Tensor] | None = None
-        self._prev_grad: list[Tensor] | None = None
-        self._pre_descent: list[Tensor | None] | None = None
 
     # ----------------------------------------------------------------- step protocol
     @torch.no_grad()
@@ -146,18 +140,21 @@ class MultiStepAscent:
         """Snapshot the weights and set aside the gradients already accumulated in p.grad."""
         if self._in_step:
             raise RuntimeError("MultiStepAscent.begin() called twice without restore().")
+        if self._layout.sharded:  # FSDP2 may hand out new local views between steps
+            self._weights = self._layout.locals(self.params)
         if self._backup is None:
-            self._backup = [p.detach().clone() for p in self.params]
+            self._backup = [w.detach().clone() for w in self._weights]
         else:
-            torch._foreach_copy_(self._backup, self.params)
+            torch._foreach_copy_(self._backup, self._weights)
         self._held = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
         if self.adaptive:
             self._scale = torch._foreach_abs(self._backup)
             torch._foreach_add_(self._scale, self.adaptive_eta)
-        self._mean_sum = None
         self._reset_step_state()
+        self._mean = MeanDescentSum(len(self.params)) if self.descent == "mean" else None
+        self._directions = DirectionTracker(self._weights, self._layout) if self.track_directions else None
         self._in_step = True
 
     @torch.no_grad()
@@ -174,20 +171,21 @@ class MultiStepAscent:
         if i > self.ascent_steps:
             raise RuntimeError(f"ascend() called more than ascent_steps={self.ascent_steps} times.")
         idx = [j for j, p in enumerate(self.params) if p.grad is not None]
-        params = [self.params[j] for j in idx]
-        grads = [p.grad for p in params]
-        for p in params:
-            p.grad = None
+        weights = [self._weights[j] for j in idx]
+        grads = [local(self.params[j].grad) for j in idx]
+        for j in idx:
+            self.params[j].grad = None
         if self.skipped:
             return False
-        if self.descent == "mean" and i >= 2:
-            self._add_to_mean_sum(idx, grads)
-        if self.track_directions:
-            self._track(idx, grads, i)
+        if self._mean is not None and i >= 2:
+            self._mean.add(idx, grads)
+        if self._directions is not None:
+            self._directions.ascent_gradient(idx, grads, i)
+            self.successive_cosines = self._directions.successive
         if self.adaptive:
             scale = [self._scale[j] for j in idx]
             torch._foreach_mul_(grads, scale)  # u = T g
-        norm = _gradient_norm(grads)
+        norm = _gradient_norm(grads, self._layout, self._layout.flags(idx))
         self.grad_norms.append(norm)
         if not math.isfinite(norm):
             self._drop_perturbation()
@@ -201,10 +199,10 @@ class MultiStepAscent:
                 torch._foreach_mul_(grads, scale)  # T^2 g
             factor = self.step_size / norm
             if factor < _MAX_FUSED_SCALE:
-                torch._foreach_add_(params, grads, alpha=factor)
+                torch._foreach_add_(weights, grads, alpha=factor)
             else:  # tiny norm: normalise first so the scale cannot overflow
                 torch._foreach_div_(grads, norm)
-                torch._foreach_add_(params, grads, alpha=self.step_size)
+                torch._foreach_add_(weights, grads, alpha=self.step_size)
             self.moved = True
             self._reach += self.step_size  # each step has length step_size in the rule's norm
         if self.ascent_rule == "projected" and self._reach > self.rho:
@@ -222,7 +220,7 @@ class MultiStepAscent:
         restore(): it bounds ||d|| by the lengths of its own steps to skip needless projections."""
         if not self._in_step:
             raise RuntimeError("MultiStepAscent.shift() called outside begin()/restore().")
-        torch._foreach_add_(self.params, [o.to(p) for p, o in zip(self.params, offsets, strict=True)])
+        torch._foreach_add_(self._weights, [local(o).to(w) for w, o in zip(self._weights, offsets, strict=True)])
         self.moved = True
         self._reach = math.inf  # unknown: project (and measure) from here on
 
@@ -237,37 +235,22 @@ class MultiStepAscent:
             raise RuntimeError("MultiStepAscent.begin_descent() called outside begin()/restore().")
         for p in self.params:
             p.grad = None  # an ascent pass without a following ascend() leaves nothing behind
-        if self.track_directions and self._first_grad is not None:
-            # the accumulated grads before this batch, so the descent direction is p.grad minus these
-            self._pre_descent = [None if g is None else g.clone() for g in self._held]
+        if self._directions is not None:
+            self._directions.before_descent_backward(self._held)
         factor = 1.0
-        if self.descent == "mean" and not self.skipped and self.steps_taken == self.ascent_steps:
+        if self._mean is not None and not self.skipped and self.steps_taken == self.ascent_steps:
             factor = 1.0 / self.ascent_steps
-            if self._mean_sum is not None:
-                pairs = [(j, s) for j, s in enumerate(self._mean_sum) if s is not None]
-                onto = [(self._held[j], s) for j, s in pairs if self._held[j] is not None]
-                alone = [(j, s) for j, s in pairs if self._held[j] is None]
-                if onto:
-                    torch._foreach_add_([h for h, _ in onto], [s for _, s in onto], alpha=factor)
-                if alone:
-                    torch._foreach_mul_([s for _, s in alone], factor)
-                    for j, s in alone:
-                        self._held[j] = s
-        self._mean_sum = None
+            self._mean.fold_into(self._held, self.params, factor)
+        self._mean = None
         self._return_held_grads()
         return factor
 
     @torch.no_grad()
     def end_descent(self) -> None:
         """With track_directions: measure cos(first ascent gradient, descent gradient) after the descent backward."""
-        if not self.track_directions or self._pre_descent is None or self._first_grad is None:
-            return
-        descent = []
-        for p, pre in zip(self.params, self._pre_descent, strict=True):
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            descent.append(g - pre if pre is not None else g)
-        self.descent_cosine = _cosine(self._first_grad, descent)
-        self._pre_descent = None
+        if self._directions is not None:
+            self.descent_cosine = self._directions.descent_cosine([p.grad for p in self.params])
+            self._directions = None
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -277,19 +260,19 @@ class MultiStepAscent:
         if self._measure_on_restore:
             # ||d|| of a multi-step ascent, from p - w formed in the weights just before they are
             # overwritten: one pass fewer than forming it in a separate buffer
-            torch._foreach_sub_(self.params, self._backup)
+            torch._foreach_sub_(self._weights, self._backup)
             if self.adaptive:
-                torch._foreach_div_(self.params, self._scale)
-            self.perturbation_norm = _global_norm(self.params)
+                torch._foreach_div_(self._weights, self._scale)
+            self.perturbation_norm = global_norm(self._weights, self._layout, self._layout.flags())
             self._measure_on_restore = False
-        torch._foreach_copy_(self.params, self._backup)
+        torch._foreach_copy_(self._weights, self._backup)
         if self._held is not None:  # an error struck before begin_descent(): undo the set-aside
             for p in self.params:
                 p.grad = None
             self._return_held_grads()
         self._scale = None
-        self._mean_sum = None
-        self._first_grad = self._prev_grad = self._pre_descent = None
+        self._mean = None
+        self._directions = None
         self._in_step = False
 
     def step(
@@ -327,48 +310,25 @@ class MultiStepAscent:
             p.grad = g
         self._held = None
 
-    def _add_to_mean_sum(self, idx: list[int], grads: list[Tensor]) -> None:
-        """S += g with foreach kernels; a tensor's first gradient is copied in."""
-        if self._mean_sum is None:
-            self._mean_sum = [None] * len(self.params)
-        fresh = [(j, g) for j, g in zip(idx, grads, strict=True) if self._mean_sum[j] is None]
-        known = [(self._mean_sum[j], g) for j, g in zip(idx, grads, strict=True) if self._mean_sum[j] is not None]
-        if known:
-            torch._foreach_add_([s for s, _ in known], [g for _, g in known])
-        if fresh:
-            copies = torch._foreach_mul([g for _, g in fresh], 1.0)
-            for (j, _), copy in zip(fresh, copies, strict=True):
-                self._mean_sum[j] = copy
-
-    def _track(self, idx: list[int], grads: list[Tensor], i: int) -> None:
-        full = [torch.zeros_like(p) for p in self.params]
-        for j, g in zip(idx, grads, strict=True):
-            full[j] = g.detach().clone()
-        if self._prev_grad is not None:
-            self.successive_cosines.append(_cosine(self._prev_grad, full))
-        if i == 1:
-            self._first_grad = full
-        self._prev_grad = full
-
     def _zero(self) -> Tensor:
-        return torch.zeros((), dtype=torch.float64, device=self.params[0].device)
+        return torch.zeros((), dtype=torch.float64, device=self._weights[0].device)
 
     def _drop_perturbation(self) -> None:
         """A non-finite ascent: go back to w and descend there, as a plain step."""
-        torch._foreach_copy_(self.params, self._backup)
+        torch._foreach_copy_(self._weights, self._backup)
         self.skipped = True
         self.moved = False
-        self._mean_sum = None
+        self._mean = None
         self.perturbation_norm = self._zero()
 
     def _displacement(self, out: list[Tensor] | None = None) -> list[Tensor]:
         """d = p - w, divided by T under ASAM (the norm the ball is defined in); written into
         ``out`` (free buffers shaped like the params) when given, else newly allocated."""
         if out is None:
-            d = torch._foreach_sub(self.params, self._backup)
+            d = torch._foreach_sub(self._weights, self._backup)
         else:
             d = out
-            torch._foreach_copy_(d, self.params)
+            torch._foreach_copy_(d, self._weights)
             torch._foreach_sub_(d, self._backup)
         if self.adaptive:
             torch._foreach_div_(d, self._scale)
@@ -379,7 +339,7 @@ class MultiStepAscent:
             self.perturbation_norm = self._zero()
         elif self.steps_taken == 1:
             # one step of length a in the rule's norm: known without touching the weights
-            self.perturbation_norm = torch.full((), self.step_size, dtype=torch.float64, device=self.params[0].device)
+            self.perturbation_norm = torch.full((), self.step_size, dtype=torch.float64, device=self._zero().device)
         else:
             self._measure_on_restore = True  # set by restore()
 
@@ -392,7 +352,7 @@ class MultiStepAscent:
             self.perturbation_norm = self._zero()
             return
         d = self._displacement(scratch)
-        norm = _global_norm(d)
+        norm = global_norm(d, self._layout, self._layout.flags())
         # c = min(1, rho/||d||); the division is safe because a moved point has ||d|| > 0
         shrink = torch.clamp(self.rho / norm.clamp_min(1e-300), max=1.0)
         self.perturbation_norm = norm * shrink
@@ -400,5 +360,5 @@ class MultiStepAscent:
             torch._foreach_mul_(d, self._scale)  # back to weight units
         # w + c d = (w + d) + (c - 1) d; inside the ball c - 1 = 0 leaves the weights untouched
         torch._foreach_mul_(d, (shrink - 1).to(d[0].dtype))
-        torch._foreach_add_(self.params, d)
+        torch._foreach_add_(self._weights, d)
         self._reach = self.rho
