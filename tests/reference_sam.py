@@ -39,25 +39,29 @@ def grad_at(vec, shapes, x, y):
     return g
 
 
-def sam_gradient(vec, shapes, x, y, k, rho, rule="normalized", step_mult=1.0, adaptive=False, eta=0.01, descent="last"):
-    """The SAM descent gradient for one batch at weights ``vec``."""
+def sam_gradient(
+    vec, shapes, x, y, k, rho, rule="normalized", step_mult=1.0, adaptive=False, eta=0.01, descent="last", norms=False
+):
+    """The SAM descent gradient for one batch at weights ``vec``; with ``norms`` also the first ascent
+    gradient's norm ||T g_1|| and the perturbation's ||d_k / T||."""
     if k == 0:
         return grad_at(vec, shapes, x, y)
     t = vec.abs() + eta if adaptive else torch.ones_like(vec)
     a = {"normalized": rho / k, "projected": rho * step_mult, "accumulated": rho}[rule]
     d = torch.zeros_like(vec)
     seen = []  # gradients at w + d_1 .. w + d_{k-1}
+    first_norm = None
     for i in range(k):
         g = grad_at(vec + d, shapes, x, y)
         if i >= 1:
             seen.append(g)
         u = t * g
+        first_norm = torch.linalg.norm(u) if first_norm is None else first_norm
         d = d + a * t * u / torch.linalg.norm(u)
         if rule == "projected":
             size = torch.linalg.norm(d / t)
             if size > rho:
                 d = d * (rho / size)
     last = grad_at(vec + d, shapes, x, y)
-    if descent == "mean":
-        return (sum(seen) + last) / k
-    return last
+    result = (sum(seen) + last) / k if descent == "mean" else last
+    return (result, first_norm, torch.linalg.norm(d / t)) if norms else result
