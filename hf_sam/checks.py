@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 _FULL_PRECISION = (torch.float32, torch.float64)
 
 
 def check_launch(trainer) -> None:
-    """DeepSpeed, FSDP and DataParallel: refuse with the reason and what to use instead."""
+    """DeepSpeed, FSDP1, FSDP2 without a synchronized ascent or with gradient accumulation, and
+    DataParallel: refuse with the reason and what to use instead."""
     if trainer.is_deepspeed_enabled:
         raise ValueError(
             "SAMTrainer does not support DeepSpeed: its engine steps the optimizer inside "
@@ -18,9 +23,12 @@ def check_launch(trainer) -> None:
             "sam_ascent_steps=0."
         )
     if trainer.is_fsdp_enabled:
-        raise ValueError(
-            "SAMTrainer does not support FSDP yet: the ascent norms would be computed per "
-            "shard instead of over the whole model. Use DDP or sam_ascent_steps=0."
+        check_fsdp(trainer)
+    elif trainer.args.fsdp:
+        logger.warning(
+            "--fsdp is set but FSDP is not active: accelerate enables FSDP only on accelerator devices, so "
+            "this run trains %s.",
+            "with DDP" if trainer.args.world_size > 1 else "in one process without sharding",
         )
     if trainer.args.n_gpu > 1:
         raise ValueError(
@@ -67,3 +75,25 @@ def upcast_trainable_parameters(model: nn.Module) -> list[str]:
             p.data = p.data.float()  # before any optimizer exists, as nn.Module.float() does
             cast.append(name)
     return cast
+
+
+def check_fsdp(trainer) -> None:
+    """FSDP2 works with a synchronized ascent and without gradient accumulation; FSDP1 does not."""
+    version = getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+    if version != 2:
+        raise ValueError(
+            "SAMTrainer supports FSDP version 2 only (fully_shard, the default of transformers 5): set "
+            "fsdp_config={'version': 2} or fsdp_version: 2 in the accelerate config."
+        )
+    if not trainer.sam_config.sync_ascent:
+        raise ValueError(
+            "SAMTrainer under FSDP needs --sam_sync_ascent true: FSDP2 leaves no per-device gradient after a "
+            "backward without gradient sync, so every ascent gradient is the all-ranks gradient (one "
+            "perturbation for all ranks, as --sam_sync_ascent gives under DDP)."
+        )
+    if trainer.args.gradient_accumulation_steps > 1:
+        raise ValueError(
+            "SAMTrainer under FSDP does not support gradient accumulation: FSDP2 keeps the gradients of "
+            "non-final micro-batches unsharded and adds them into the next synchronized backward, which would "
+            "be an ascent pass. Use gradient_accumulation_steps=1 with a larger per-device batch."
+        )

@@ -58,3 +58,23 @@ def test_fsdp_snapshot_is_per_shard(fsdp_ranks):
     total = sum(v.numel() for v in fsdp_ranks[0]["weights"].values())
     per_rank = [r["results"][0]["backup_elements"] for r in fsdp_ranks]
     assert sum(per_rank) == total and max(per_rank) < total
+
+
+def test_dtensor_parameters_through_the_trainer_match_the_unsharded_run(tmp_path):
+    """One process: accelerate is not in FSDP mode (it enables FSDP on accelerators only), but the
+    model's parameters are fully_shard DTensors, so SAMTrainer's step, the Trainer's clipping and the
+    optimizer all run on shards. Three steps equal the same run on the plain model."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "tests" / "fsdp_trainer_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = torch.load(tmp_path / "trainer.pt")
+    for name, result in results.items():
+        assert result["dtensor"] == "DTensor"
+        for n in NAMES:
+            torch.testing.assert_close(result["sharded"][n], result["plain"][n], rtol=0, atol=1e-12, msg=name + n)
+        assert len(result["sharded_logs"]) == 3
+        for plain, sharded in zip(result["plain_logs"], result["sharded_logs"], strict=True):
+            assert plain.keys() == sharded.keys()
+            for key in plain:
+                assert sharded[key] == pytest.approx(plain[key], rel=1e-9, abs=1e-12), (name, key)

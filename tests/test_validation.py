@@ -116,8 +116,8 @@ def test_data_parallel_is_refused(tmp_path, monkeypatch):
         sam_trainer(tmp_path, TinyNet(), make_data(4))
 
 
-@pytest.mark.parametrize("flag,words", [("is_deepspeed_enabled", "DeepSpeed"), ("is_fsdp_enabled", "FSDP")])
-def test_deepspeed_and_fsdp_are_refused(tmp_path, monkeypatch, flag, words):
+@pytest.mark.parametrize("flag,words", [("is_deepspeed_enabled", "DeepSpeed")])
+def test_deepspeed_is_refused(tmp_path, monkeypatch, flag, words):
     # Neither can start on this CPU-only machine: let the Trainer report that it found one.
     monkeypatch.setattr("transformers.Trainer.__init__", _with_flag(flag))
     with pytest.raises(ValueError, match=words):
@@ -138,3 +138,53 @@ def _with_flag(flag):
         setattr(self, flag, True)
 
     return wrapped
+
+
+class _FakeFSDPTrainer:
+    """The attributes check_launch reads, as a trainer under accelerate's FSDP would have them."""
+
+    is_deepspeed_enabled = False
+    is_fsdp_enabled = True
+
+    def __init__(self, version, sync, accumulation):
+        from types import SimpleNamespace
+
+        from hf_sam import SAMConfig
+
+        self.accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))
+        self.sam_config = SAMConfig(ascent_steps=2, sync_ascent=sync)
+        self.args = SimpleNamespace(gradient_accumulation_steps=accumulation, n_gpu=1, fsdp=True)
+
+
+@pytest.mark.parametrize(
+    "version,sync,accumulation,message",
+    [
+        (1, True, 1, "FSDP version 2 only"),
+        (2, False, 1, "needs --sam_sync_ascent true"),
+        (2, True, 2, "does not support gradient accumulation"),
+        (2, True, 1, None),
+    ],
+)
+def test_fsdp_set_ups(version, sync, accumulation, message):
+    from hf_sam.checks import check_launch
+
+    trainer = _FakeFSDPTrainer(version, sync, accumulation)
+    if message is None:
+        check_launch(trainer)
+    else:
+        with pytest.raises(ValueError, match=message):
+            check_launch(trainer)
+
+
+def test_fsdp_flag_on_cpu_warns_that_it_is_not_active(caplog):
+    """Under a CPU multi-process launch the Trainer accepts --fsdp and trains with DDP instead."""
+    import logging
+
+    from hf_sam.checks import check_launch
+
+    trainer = _FakeFSDPTrainer(2, False, 1)
+    trainer.is_fsdp_enabled = False
+    trainer.args.world_size = 2
+    with caplog.at_level(logging.WARNING, logger="hf_sam.checks"):
+        check_launch(trainer)
+    assert "FSDP is not active" in caplog.text and "with DDP" in caplog.text
