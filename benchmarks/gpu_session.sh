@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one prepared run for a lent GPU: the bf16/fp16 check, the GPU benchmark and the profile of one
-# step, each under its own time limit so one slow part cannot eat the others; outputs under $OUT.
+# The one prepared run for a lent GPU: the bf16/fp16 check, the GPU benchmark, the profile of one
+# step and the FSDP2 check, each under its own time limit so one slow part cannot eat the others; outputs under $OUT.
 #
 # Needs only torch and transformers there (hf_sam runs from the checkout). The peer comes as a wheel;
 # once, here, in the repo's root:
@@ -26,3 +26,5 @@ timeout 120 python3 benchmarks/gpu_check.py 2>&1 | tee "$out/gpu_check.txt"
 timeout 300 python3 benchmarks/bench_step.py --preset gpu --json "$out/gpu_results.json" 2>&1 | tee "$out/gpu_bench.txt"
 timeout 90 python3 benchmarks/profile_step.py --preset gpu --model bert-base --k 1 --steps 20 --torch_profiler 2>&1 |
     tee "$out/gpu_profile.txt"
+# FSDP2 through the Trainer against the same run without FSDP (one GPU, torchrun with one process)
+timeout 150 python3 benchmarks/gpu_fsdp_check.py 2>&1 | tee "$out/gpu_fsdp_check.txt"

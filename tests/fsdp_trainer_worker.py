@@ -1,6 +1,7 @@
-"""Run by test_fsdp.py as a plain process (no launcher variables, so accelerate does not wrap DDP): SAMTrainer trains a TinyNet whose
-layers were wrapped with fully_shard on a 1-rank CPU mesh (DTensor parameters and gradients through
-the Trainer's step, optimizer and clipping), next to the same model without FSDP."""
+"""Run by test_fsdp.py as a plain process (no launcher variables, so accelerate does not wrap DDP):
+SAMTrainer trains a TinyNet whose layers were wrapped with fully_shard on a 1-rank CPU mesh (DTensor
+parameters and gradients through the Trainer's step, optimizer and clipping), next to the same model
+without FSDP."""
 
 import os
 import sys

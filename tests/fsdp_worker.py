@@ -16,7 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hf_sam import MultiStepAscent, SAMConfig  # noqa: E402
 from tests.tiny import TinyNet, batch_of, make_data  # noqa: E402
 
-CONFIGS = list(itertools.product(("normalized", "projected", "accumulated"), (1, 2, 3), (False, True), ("last", "mean")))
+RULES = ("normalized", "projected", "accumulated")
+CONFIGS = list(itertools.product(RULES, (1, 2, 3), (False, True), ("last", "mean")))
 
 
 def main():
@@ -41,7 +42,7 @@ def main():
                 "config": (rule, k, adaptive, descent),
                 "grad": [p.grad.full_tensor().clone() for p in model.parameters()],
                 "grad_is_sharded": all(type(p.grad).__name__ == "DTensor" for p in model.parameters()),
-                "restored": all(torch.equal(p.full_tensor(), b) for p, b in zip(model.parameters(), before)),
+                "restored": all(torch.equal(p.full_tensor(), b) for p, b in zip(model.parameters(), before, strict=True)),
                 "first_norm": engine.grad_norms[0],
                 "perturbation_norm": float(engine.perturbation_norm),
                 "backup_elements": sum(b.numel() for b in engine._backup),

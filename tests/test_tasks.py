@@ -301,9 +301,10 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
         sys.executable,
         "-m",
         "accelerate.commands.launch",
+        # --multi_gpu starts two processes (the --cpu launcher starts one); --use_cpu below keeps them on the CPU
+        "--multi_gpu",
         "--num_processes",
         "2",
-        "--cpu",
         "--num_machines",
         "1",
         "--mixed_precision",
@@ -325,6 +326,9 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
         "none",
         "--sam_ascent_steps",
         "2",
+        "--use_cpu",
+        "--logging_steps",
+        "1",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -333,3 +337,10 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     assert metrics["train_forward_backward_passes"] == 3 * 3
     state = json.loads((tmp_path / "trainer_state.json").read_text())
     assert state["global_step"] == 3
+    # two processes really ran: 3 steps of 2 ranks x 16 rows, 40 steps per epoch of the 1,259 training rows
+    # (one process would take 79 steps per epoch)
+    assert state["log_history"][-1]["epoch"] == pytest.approx(3 / 40)
+    # the image model normalizes by the token/item count of all ranks, so the logged losses are on the
+    # one-process scale (about ln 10 for 10 untrained classes), not twice it
+    first = state["log_history"][0]
+    assert 1.9 < first["sam/loss_clean"] < 2.8 and 1.9 < first["loss"] < 2.8

@@ -163,4 +163,15 @@ def main(kind: str, argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"error: {err}") from None
     if training_args.should_save:
         print(json.dumps({k: v for k, v in results.items() if isinstance(v, (int, float))}, indent=1))
+    end_process_group()
     return results
+
+
+def end_process_group() -> None:
+    """Leave the process group before the interpreter's teardown: gloo's destructors can abort the
+    process (SIGABRT) when they run at exit with the group still alive."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -18,6 +18,7 @@ import torch
 from .hub import from_hub
 from .instructions import EMBEDDED_INSTRUCTIONS, arithmetic_dataset, word_tokenizer
 from .models import apply_overrides, parse_config_overrides
+from .run import end_process_group
 
 logger = logging.getLogger(__name__)
 OFFLINE_DATA = f"--dataset_name {EMBEDDED_INSTRUCTIONS}"
@@ -168,4 +169,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         trainer.save_metrics("all", results, combined=True)
         logger.info("results in %s", os.path.join(training_args.output_dir, "all_results.json"))
+    end_process_group()
     return results
