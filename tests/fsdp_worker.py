@@ -37,12 +37,13 @@ def main():
         engine = MultiStepAscent(model.parameters(), **config.engine_kwargs())
         before = [p.full_tensor().clone() for p in model.parameters()]
         engine.step(lambda: F.cross_entropy(model(x)["logits"], y))
+        after = [p.full_tensor() for p in model.parameters()]
         results.append(
             {
                 "config": (rule, k, adaptive, descent),
                 "grad": [p.grad.full_tensor().clone() for p in model.parameters()],
                 "grad_is_sharded": all(type(p.grad).__name__ == "DTensor" for p in model.parameters()),
-                "restored": all(torch.equal(p.full_tensor(), b) for p, b in zip(model.parameters(), before, strict=True)),
+                "restored": all(torch.equal(a, b) for a, b in zip(after, before, strict=True)),
                 "first_norm": engine.grad_norms[0],
                 "perturbation_norm": float(engine.perturbation_norm),
                 "backup_elements": sum(b.numel() for b in engine._backup),
