@@ -51,8 +51,26 @@ def main():
         )
         for p in model.parameters():
             p.grad = None
+    # a non-finite ascent gradient on one rank: the synchronized norm is non-finite on both, so both
+    # drop the perturbation together and descend at w
+    engine = MultiStepAscent(model.parameters(), **SAMConfig(ascent_steps=2, rho=0.3).engine_kwargs())
+    calls = []
+
+    def poisoned_loss():
+        calls.append(1)
+        loss = F.cross_entropy(model(x)["logits"], y)
+        return loss * float("nan") if rank == 1 and len(calls) == 1 else loss
+
+    engine.step(poisoned_loss)
+    skipped = {
+        "skipped": engine.skipped,
+        "grad": [p.grad.full_tensor().clone() for p in model.parameters()],
+        "finite_weights": all(torch.isfinite(p.full_tensor()).all() for p in model.parameters()),
+    }
+    for p in model.parameters():
+        p.grad = None
     torch.save(
-        {"results": results, "x": x, "y": y, "weights": {n: p.full_tensor() for n, p in model.named_parameters()}},
+        {"skipped": skipped, "results": results, "x": x, "y": y, "weights": {n: p.full_tensor() for n, p in model.named_parameters()}},
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
     dist.barrier()

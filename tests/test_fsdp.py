@@ -54,6 +54,18 @@ def test_fsdp_engine_step_matches_synchronized_float64_reference(fsdp_ranks):
     assert checked == 36
 
 
+def test_fsdp_non_finite_ascent_is_dropped_on_every_rank(fsdp_ranks):
+    weights = fsdp_ranks[0]["weights"]
+    shapes = {n: tuple(weights[n].shape) for n in NAMES}
+    x = torch.cat([r["x"] for r in fsdp_ranks])
+    y = torch.cat([r["y"] for r in fsdp_ranks])
+    plain = sam_gradient(flatten(weights), shapes, x, y, 0, 0.3)  # k=0: the gradient at w
+    for rank in fsdp_ranks:
+        assert rank["skipped"]["skipped"] and rank["skipped"]["finite_weights"]
+        got = torch.cat([g.reshape(-1) for g in rank["skipped"]["grad"]])
+        torch.testing.assert_close(got, plain, rtol=0, atol=1e-12)
+
+
 def test_fsdp_snapshot_is_per_shard(fsdp_ranks):
     total = sum(v.numel() for v in fsdp_ranks[0]["weights"].values())
     per_rank = [r["results"][0]["backup_elements"] for r in fsdp_ranks]
