@@ -70,7 +70,13 @@ def main():
     for p in model.parameters():
         p.grad = None
     torch.save(
-        {"skipped": skipped, "results": results, "x": x, "y": y, "weights": {n: p.full_tensor() for n, p in model.named_parameters()}},
+        {
+            "skipped": skipped,
+            "results": results,
+            "x": x,
+            "y": y,
+            "weights": {n: p.full_tensor() for n, p in model.named_parameters()},
+        },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
     dist.barrier()

@@ -9,7 +9,7 @@ peft = pytest.importorskip("peft")
 
 from hf_sam import upcast_trainable_parameters  # noqa: E402
 
-from .helpers import WeightRecorder, sam_trainer  # noqa: E402
+from .helpers import LogRecorder, WeightRecorder, sam_trainer  # noqa: E402
 from .reference_func import loss_of, sam_gradient, trainable  # noqa: E402
 from .tiny_lm import bert_classifier, token_rows  # noqa: E402
 
@@ -77,3 +77,34 @@ def test_trainable_16_bit_tensors_are_named_and_upcast_fixes_them(tmp_path):
     assert cast and all("classifier" in n for n in cast)
     assert next(model.base_model.model.bert.parameters()).dtype == torch.bfloat16  # the base stays 16-bit
     sam_trainer(tmp_path, model, _rows(), sam_ascent_steps=1, bf16=True).train()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_base_with_lora_is_accepted_and_stays_frozen(tmp_path, bits):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    bert_classifier(dtype=torch.float32).save_pretrained(tmp_path / "base")
+    quantization = (
+        BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["classifier"])
+        if bits == 8
+        else BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier"]
+        )
+    )
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "base", quantization_config=quantization, device_map="cpu"
+    )
+    model = _lora(base)
+    assert any(p.dtype in (torch.int8, torch.uint8) for p in model.parameters())
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    rec, logs = WeightRecorder(), LogRecorder()
+    sam_trainer(tmp_path / "run", model, _rows(), [rec, logs], sam_ascent_steps=2, sam_rho=0.2, max_steps=2).train()
+    assert all(torch.equal(rec.final[n], frozen[n]) for n in frozen)
+    moved = [
+        n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(rec.final[n], rec.before[0][n])
+    ]
+    assert any("lora_" in n for n in moved)
+    # measured as p - w in the fp32 adapters: ||d|| = rho up to fp32 rounding of the difference
+    norms = [entry["sam/perturbation_norm"] for entry in logs.logs if "sam/sharpness" in entry]
+    assert len(norms) == 2 and all(n == pytest.approx(0.2, rel=1e-3) for n in norms)
