@@ -166,11 +166,12 @@ def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 @dataclass
 class EigenResult:
-    """Top Hessian eigenvalue (largest magnitude) from power iteration."""
+    """The largest algebraic Hessian eigenvalue (Lanczos), its residual and whether it converged."""
 
     eigenvalue: float
     iterations: int
     converged: bool
+    residual: float = 0.0
 
 
 def hessian_top_eigenvalue(
@@ -181,25 +182,48 @@ def hessian_top_eigenvalue(
     tolerance: float = 1e-3,
     seed: int = 0,
 ) -> EigenResult:
-    """Power iteration on Hessian-vector products; stops when the estimate changes by < tolerance (relative)."""
+    """Lanczos on Hessian-vector products with full reorthogonalization.
+
+    Returns the largest *algebraic* eigenvalue (power iteration would return the one of largest
+    magnitude, which is negative where a negative curvature dominates). Converged when the Ritz
+    residual |beta_m s_m| is below ``tolerance`` times |lambda| (or the Krylov space is exhausted).
+    """
     generator = torch.Generator().manual_seed(seed)
     with evaluation_mode(model):
         params = trainable(model)
-        v = [torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p) for p in params]
-        norm = math.sqrt(_dot(v, v))
-        v = [x / norm for x in v]
-        estimate = 0.0
-        for iteration in range(1, max_iterations + 1):
-            hv = hessian_vector_product(model, loss_fn, batches, v)
-            new = _dot(hv, v)
-            norm = math.sqrt(_dot(hv, hv))
-            if norm == 0.0:
-                return EigenResult(0.0, iteration, True)
-            v = [h / norm for h in hv]
-            if iteration > 1 and abs(new - estimate) <= tolerance * max(abs(estimate), 1e-12):
-                return EigenResult(new, iteration, True)
-            estimate = new
-    return EigenResult(estimate, max_iterations, False)
+        shapes = [p.shape for p in params]
+        sizes = [p.numel() for p in params]
+
+        def hvp(flat: torch.Tensor) -> torch.Tensor:
+            pieces = [c.reshape(s).to(p) for c, s, p in zip(flat.split(sizes), shapes, params, strict=True)]
+            out = hessian_vector_product(model, loss_fn, batches, pieces)
+            return torch.cat([o.double().reshape(-1) for o in out])
+
+        v = torch.randn(sum(sizes), generator=generator, dtype=torch.float64)
+        basis = [v / torch.linalg.norm(v)]
+        alphas: list[float] = []
+        betas: list[float] = []
+        theta, residual = 0.0, math.inf
+        for iteration in range(1, min(max_iterations, len(v)) + 1):
+            w = hvp(basis[-1])
+            alphas.append(float(w @ basis[-1]))
+            stacked = torch.stack(basis)
+            for _ in range(2):  # full reorthogonalization, twice for numerical safety
+                w = w - stacked.T @ (stacked @ w)
+            beta = float(torch.linalg.norm(w))
+            tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+            if betas:
+                off = torch.tensor(betas, dtype=torch.float64)
+                tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
+            values, vectors = torch.linalg.eigh(tri)
+            theta = float(values[-1])
+            residual = abs(beta * float(vectors[-1, -1]))
+            scale = max(abs(theta), 1e-12)
+            if residual <= tolerance * scale or beta <= 1e-12 * scale:
+                return EigenResult(theta, iteration, True, residual)
+            betas.append(beta)
+            basis.append(w / beta)
+    return EigenResult(theta, len(alphas), False, residual)
 
 
 @dataclass

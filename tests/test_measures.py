@@ -49,6 +49,21 @@ def test_top_eigenvalue_matches_closed_form():
     assert torch.equal(model.weight, before)
 
 
+def test_top_eigenvalue_is_the_largest_algebraic_one_when_a_negative_one_dominates():
+    """Power iteration returns the eigenvalue of largest magnitude (-8 here); lambda_max is 2."""
+    eigs = [-8.0, 2.0, 1.0, 0.5, -0.3, 0.1]
+    model, _, _ = _model(eigs, seed=4)
+    result = sharpness.hessian_top_eigenvalue(model, sharpness.hf_loss, BATCHES, max_iterations=50, tolerance=1e-8)
+    assert result.converged and result.residual <= 1e-8 * 2.0
+    assert result.eigenvalue == pytest.approx(2.0, rel=1e-8)
+
+
+def test_top_eigenvalue_reports_non_convergence():
+    model, _, _ = _model([5.0, 4.99, 4.98, 1.0, 0.5, 0.1], seed=2)
+    result = sharpness.hessian_top_eigenvalue(model, sharpness.hf_loss, BATCHES, max_iterations=2, tolerance=1e-12)
+    assert not result.converged and result.iterations == 2 and result.residual > 0
+
+
 def test_trace_matches_closed_form():
     model, a, _ = _model()
     result = sharpness.hessian_trace(model, sharpness.hf_loss, BATCHES, samples=400, seed=3)

@@ -249,6 +249,15 @@ def _markdown_table(frame: pd.DataFrame, digits: int = 4) -> str:
     return "\n".join(lines)
 
 
+def _convergence_note(df: pd.DataFrame) -> list[str]:
+    """How many λ_max estimates did not converge (older runs carry no flag)."""
+    if "hessian_top_eigenvalue_converged" not in df:
+        return []
+    flags = df["hessian_top_eigenvalue_converged"].dropna().astype(bool)
+    missed = int((~flags).sum())
+    return [f"λ_max did not converge (Lanczos residual above 1% of λ_max) in {missed} of {len(flags)} runs.", ""]
+
+
 def _findings(summary: pd.DataFrame) -> list[str]:
     """Plain-language comparisons computed from the table."""
     out = []
@@ -339,9 +348,11 @@ def write_report(config: StudyConfig, root: Path) -> Path:
         "*Equal epochs* gives every method the same epochs; *equal compute* scales the epochs by 2/(k+1) so "
         "every method spends the forward+backward passes of SAM with k = 1. Sharpness is measured after "
         "training on a fixed validation subset: m-sharpness is the mean over batches of 64 of the worst loss "
-        "increase in the rho-ball (5 projected ascent steps, 2 starts); λ_max by power iteration on "
-        "Hessian-vector products; tr(H) by Hutchinson's estimator (8 Rademacher vectors).",
+        "increase in the rho-ball (5 projected ascent steps, 2 starts); λ_max, the largest algebraic Hessian "
+        "eigenvalue, by Lanczos (20 Hessian-vector products at most, runs that did not converge are counted "
+        "below); tr(H) by Hutchinson's estimator (8 Rademacher vectors).",
         "",
+        *_convergence_note(df),
         "## Findings",
         "",
         *_findings(summary),

@@ -166,6 +166,7 @@ def measure(trainer, task, run: RunSpec, config: StudyConfig, surface: bool) -> 
         "worst_case_loss": worst.worst_loss,
         "clean_measure_loss": worst.clean_loss,
         "hessian_top_eigenvalue": eig.eigenvalue,
+        "hessian_top_eigenvalue_converged": eig.converged,
         "hessian_trace": trace.trace,
         "hessian_trace_stderr": trace.stderr,
     }
