@@ -45,7 +45,8 @@ class SAMArgumentsMixin:
     sam_descent: str = field(
         default="last",
         metadata={
-            "help": "Descent gradient: 'last' (at w + d_k) or 'mean' (mean over w + d_1 .. w + d_k).",
+            "help": "Descent gradient: 'last' (at w + d_k), 'mean' (mean over w + d_1 .. w + d_k) or 'xsam' "
+            "(||g_k|| times the spherical interpolation between d_k and g_k; see --sam_xsam_alpha).",
             "choices": list(DESCENT_RULES),
         },
     )
@@ -59,6 +60,17 @@ class SAMArgumentsMixin:
             "help": "Replay the clean pass's random state (dropout masks) in every ascent and descent pass, so "
             "that sam/sharpness measures the perturbation and not dropout noise."
         },
+    )
+    sam_xsam_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "XSAM (--sam_descent xsam): a fixed alpha >= 0 (1 = SAM's descent, 0 = along the ascent), or "
+            "unset to choose it at the first step of every epoch by the largest loss at w + rho_max u(alpha)."
+        },
+    )
+    sam_xsam_alpha_max: float = field(default=2.0, metadata={"help": "XSAM: the largest alpha of the dynamic choice."})
+    sam_xsam_rho_max: float | None = field(
+        default=None, metadata={"help": "XSAM: the radius of the dynamic choice's points (default 2 * sam_rho)."}
     )
     sam_diagnostics: bool = field(
         default=False,
@@ -100,6 +112,9 @@ class SAMArgumentsMixin:
             sync_ascent=self.sam_sync_ascent,
             replay_rng=self.sam_replay_rng,
             diagnostics=self.sam_diagnostics,
+            xsam_alpha=self.sam_xsam_alpha,
+            xsam_alpha_max=self.sam_xsam_alpha_max,
+            xsam_rho_max=self.sam_xsam_rho_max,
         )
 
 

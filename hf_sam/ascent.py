@@ -32,9 +32,10 @@ from torch import Tensor
 from .descents import MeanDescentSum
 from .directions import DirectionTracker
 from .tensors import ShardLayout, global_norm, local
+from .xsam import best_alpha, descend_along_slerp
 
 _RULES = ("normalized", "projected", "accumulated")
-_DESCENTS = ("last", "mean")
+_DESCENTS = ("last", "mean", "xsam")
 # Above this the single fused "p += (a/||g||) g" would overflow fp32; divide first instead.
 _MAX_FUSED_SCALE = 1e30
 # below this the fast norm may have lost squares to underflow: redo it in float64
@@ -63,8 +64,11 @@ class MultiStepAscent:
         adaptive: ASAM. With T = |w| + adaptive_eta (w the unperturbed weights) each step is
             a T^2 g / ||T g|| and "projected" projects onto ||d / T|| <= rho.
         adaptive_eta: the eta of ASAM.
-        descent: "last" (descend with the gradient at w + d_k) or "mean" (with the mean of
-            the gradients at w + d_1 .. w + d_k).
+        descent: "last" (descend with the gradient at w + d_k), "mean" (with the mean of
+            the gradients at w + d_1 .. w + d_k) or "xsam" (||g_k|| u(alpha), the spherical
+            interpolation between d_k and g_k of :mod:`hf_sam.xsam`).
+        xsam_alpha: XSAM's alpha (>= 0), also settable between steps (the dynamic choice).
+        xsam_rho_max: radius of the points the dynamic alpha choice evaluates (default 2 rho).
         track_directions: also measure the cosine between successive ascent gradients and
             between the first ascent gradient and the descent gradient (keeps two more copies
             of the gradients; for diagnostics, not for speed).
@@ -86,6 +90,8 @@ class MultiStepAscent:
         adaptive_eta: float = 0.01,
         descent: str = "last",
         track_directions: bool = False,
+        xsam_alpha: float = 1.0,
+        xsam_rho_max: float | None = None,
     ) -> None:
         if ascent_rule not in _RULES:
             raise ValueError(f"ascent_rule={ascent_rule!r} is invalid: allowed values are {', '.join(_RULES)}.")
@@ -107,6 +113,9 @@ class MultiStepAscent:
         self.adaptive_eta = float(adaptive_eta)
         self.descent = descent
         self.track_directions = bool(track_directions)
+        self.xsam_alpha = float(xsam_alpha)
+        self.xsam_rho_max = 2 * self.rho if xsam_rho_max is None else float(xsam_rho_max)
+        self.xsam_angle: Tensor | None = None  # phi of the last XSAM descent, in degrees
         if ascent_rule == "normalized":
             self.step_size = self.rho / self.ascent_steps
         elif ascent_rule == "projected":
@@ -242,12 +251,27 @@ class MultiStepAscent:
             factor = 1.0 / self.ascent_steps
             self._mean.fold_into(self._held, self.params, factor)
         self._mean = None
-        self._return_held_grads()
+        if self.descent != "xsam":  # XSAM needs g_k alone: the accumulated grads return in end_descent()
+            self._return_held_grads()
         return factor
 
     @torch.no_grad()
+    def choose_xsam_alpha(self, loss_at: Callable[[], Tensor | float], alphas: list[float]) -> float:
+        """XSAM's dynamic alpha: after the descent backward (g_k in p.grad, weights at w + d_k),
+        evaluate ``loss_at()`` at w + xsam_rho_max * u(alpha) for each alpha and keep the largest loss's."""
+        pairs = zip(self.params, self._weights, strict=True)
+        grads = [torch.zeros_like(w) if p.grad is None else local(p.grad) for p, w in pairs]
+        self.xsam_alpha = best_alpha(
+            self._weights, self._backup, grads, self._layout, self.xsam_rho_max, alphas, loss_at
+        )
+        return self.xsam_alpha
+
+    @torch.no_grad()
     def end_descent(self) -> None:
-        """With track_directions: measure cos(first ascent gradient, descent gradient) after the descent backward."""
+        """After the descent backward: XSAM's combination; with track_directions, cos(first ascent
+        gradient, descent gradient)."""
+        if self.descent == "xsam" and self._held is not None:
+            self._xsam_combine()
         if self._directions is not None:
             self.descent_cosine = self._directions.descent_cosine([p.grad for p in self.params])
             self._directions = None
@@ -300,11 +324,27 @@ class MultiStepAscent:
             factor = self.begin_descent()
             loss = compute_loss()
             backward(loss * factor if factor != 1.0 else loss)
+            self.end_descent()
         finally:
             self.restore()
         return clean
 
     # ----------------------------------------------------------------------- helpers
+    def _xsam_combine(self) -> None:
+        """p.grad <- held + ||g_k|| u(alpha), from g_k alone in p.grad and d_k = p - w."""
+        for p in self.params:
+            if p.grad is None:  # a tensor the descent did not reach has g = 0
+                p.grad = torch.zeros_like(p)
+        grads = [local(p.grad) for p in self.params]
+        self.xsam_angle = descend_along_slerp(self._weights, self._backup, grads, self._layout, self.xsam_alpha)
+        onto = [(local(h), g) for h, g in zip(self._held, grads, strict=True) if h is not None]
+        if onto:  # the accumulated gradients of earlier micro-batches, as autograd would add them
+            torch._foreach_add_([h for h, _ in onto], [g for _, g in onto])
+        for j, p in enumerate(self.params):
+            if self._held[j] is not None:
+                p.grad = self._held[j]
+        self._held = None
+
     def _return_held_grads(self) -> None:
         for p, g in zip(self.params, self._held, strict=True):
             p.grad = g

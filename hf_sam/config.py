@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 ASCENT_RULES = ("normalized", "projected", "accumulated")
-DESCENT_RULES = ("last", "mean")
+DESCENT_RULES = ("last", "mean", "xsam")
 
 
 @dataclass
@@ -18,7 +18,13 @@ class SAMConfig:
         onto the rho-ball) or "accumulated" (step rho, no projection).
     step_mult: step size of "projected" in units of rho.
     adaptive: ASAM, scale by T = |w| + adaptive_eta elementwise.
-    descent: "last" (gradient at w+d_k) or "mean" (mean of the gradients at w+d_1..w+d_k).
+    descent: "last" (gradient at w+d_k), "mean" (mean of the gradients at w+d_1..w+d_k) or
+        "xsam" (||g_k|| times the spherical interpolation u(alpha) between d_k and g_k, XSAM).
+    xsam_alpha: XSAM's fixed alpha (>= 0; 1 is SAM's descent), or None to choose it at the first
+        optimizer step of every epoch among 0, 0.1, .., xsam_alpha_max by the largest loss at
+        w + xsam_rho_max u(alpha).
+    xsam_alpha_max: the largest alpha of the dynamic choice.
+    xsam_rho_max: the radius of the dynamic choice's points (None: 2 rho).
     sync_ascent: under DDP, all-reduce the ascent gradients (one perturbation for all ranks).
     replay_rng: run every ascent and descent pass with the random state of the clean pass (the same
         dropout masks), so that the loss difference is the perturbation's alone.
@@ -36,6 +42,9 @@ class SAMConfig:
     sync_ascent: bool = False
     replay_rng: bool = False
     diagnostics: bool = False
+    xsam_alpha: float | None = None
+    xsam_alpha_max: float = 2.0
+    xsam_rho_max: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -80,10 +89,30 @@ class SAMConfig:
                 f"it is used only by {prefix}ascent_rule='projected' (got {self.ascent_rule!r}); "
                 "leave it at 1.0 or switch the rule",
             )
-        if k == 0 and self.descent == "mean":
-            fail("descent", self.descent, f"'mean' needs {prefix}ascent_steps >= 1")
+        if k == 0 and self.descent in ("mean", "xsam"):
+            fail("descent", self.descent, f"'{self.descent}' needs {prefix}ascent_steps >= 1")
+        self._validate_xsam(fail, prefix)
         if k == 0 and self.adaptive:
             fail("adaptive", self.adaptive, f"ASAM needs {prefix}ascent_steps >= 1")
+
+    def _validate_xsam(self, fail, prefix: str) -> None:
+        for name in ("xsam_alpha", "xsam_rho_max"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value):
+                fail(name, value, "it must be a number or None")
+        if not isinstance(self.xsam_alpha_max, (int, float)) or isinstance(self.xsam_alpha_max, bool):
+            fail("xsam_alpha_max", self.xsam_alpha_max, "it must be a number")
+        if self.descent != "xsam":
+            for name, default in (("xsam_alpha", None), ("xsam_alpha_max", 2.0), ("xsam_rho_max", None)):
+                if getattr(self, name) != default:
+                    fail(name, getattr(self, name), f"it is used only by {prefix}descent='xsam'")
+            return
+        if self.xsam_alpha is not None and not 0 <= self.xsam_alpha < float("inf"):
+            fail("xsam_alpha", self.xsam_alpha, "it must be >= 0 and finite (or None for the dynamic choice)")
+        if not 0 < self.xsam_alpha_max < float("inf"):
+            fail("xsam_alpha_max", self.xsam_alpha_max, "it must be > 0 and finite")
+        if self.xsam_rho_max is not None and not 0 < self.xsam_rho_max < float("inf"):
+            fail("xsam_rho_max", self.xsam_rho_max, "it must be > 0 and finite")
 
     @classmethod
     def from_fields(cls, prefix: str = "", **values: object) -> SAMConfig:
@@ -102,6 +131,12 @@ class SAMConfig:
         kwargs = self.to_dict()
         kwargs.pop("sync_ascent")
         kwargs.pop("replay_rng")
+        kwargs.pop("xsam_alpha_max")
+        if self.descent == "xsam":
+            kwargs["xsam_alpha"] = 1.0 if self.xsam_alpha is None else float(self.xsam_alpha)  # chosen at step 1
+        else:
+            kwargs.pop("xsam_alpha")
+            kwargs.pop("xsam_rho_max")
         kwargs["track_directions"] = kwargs.pop("diagnostics")
         return kwargs
 

@@ -83,6 +83,8 @@ class SAMMicroBatch:
         inputs: dict[str, Any],
         side_effects: Callable[[], contextlib.AbstractContextManager],
         rng: RandomState | None,
+        probe: Callable[[], torch.Tensor] | None = None,
+        alphas: list[float] | None = None,
     ) -> None:
         self.engine = engine
         self.sync = sync
@@ -91,6 +93,8 @@ class SAMMicroBatch:
         self.inputs = inputs
         self.side_effects = side_effects
         self.rng = rng
+        self.probe = probe  # XSAM's dynamic alpha: the loss of a forward pass at the current weights
+        self.alphas = alphas
         self.ran = False
         self.clean: torch.Tensor | None = None
         self.perturbed: torch.Tensor | None = None
@@ -140,10 +144,19 @@ class SAMMicroBatch:
                 self._replay()
                 with self.sync.descent():
                     self.perturbed = self.run_pass(self.inputs, factor, backward)
+                if self.probe is not None:
+                    engine.choose_xsam_alpha(self._replayed(self.probe), self.alphas)
                 engine.end_descent()
             finally:
                 if after_clean is not None:  # the run goes on as if only the clean pass had drawn
                     after_clean.apply()
+
+    def _replayed(self, probe: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            self._replay()
+            return probe()
+
+        return run
 
     def _replay(self) -> None:
         if self.rng is not None:

@@ -50,6 +50,9 @@ class SAMStepMetrics:
             if engine.perturbation_norm is not None
             else 0.0,
         }
+        if engine.descent == "xsam" and engine.xsam_angle is not None:
+            values["sam/xsam_alpha"] = engine.xsam_alpha
+            values["sam/xsam_angle"] = engine.xsam_angle.to(clean.device)
         if self.diagnostics:
             values.update(self._diagnostic_values(engine, perturbed, pass_losses, loss_scale))
         for key, value in values.items():

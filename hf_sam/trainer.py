@@ -8,6 +8,9 @@ only runs the ascent and descent passes inside each micro-batch's ``training_ste
 from __future__ import annotations
 
 import contextlib
+import json
+import math
+import os
 from typing import Any
 
 import torch
@@ -21,6 +24,9 @@ from .config import SAMConfig
 from .launch import GradientSync
 from .sam_step import RandomState, SAMMicroBatch, frozen_batchnorm_stats, rolled_back
 from .step_metrics import SAMStepMetrics
+from .xsam import alpha_grid
+
+SAM_STATE_FILE = "sam_state.json"
 
 
 class _EverySAMStepRan(TrainerCallback):
@@ -78,6 +84,9 @@ class SAMMixin:
         self._sam_batchnorms: list[nn.Module] = []
         self._sam_metrics = SAMStepMetrics(sam_config.diagnostics)
         self.sam_micro_batches_run = 0
+        # XSAM's dynamic alpha and the epoch it was chosen in (saved with checkpoints)
+        self.sam_xsam_alpha: float | None = sam_config.xsam_alpha
+        self._sam_xsam_epoch: int | None = None
         if sam_config.ascent_steps >= 1:
             self.add_callback(_EverySAMStepRan(self))
             check_launch(self)
@@ -173,6 +182,9 @@ class SAMMixin:
         extra_inputs = dict(inputs)  # before the clean pass can change the dict it is given
         config = self.sam_config
         device = next(iter(engine.params)).device
+        choose = self._sam_choose_xsam_alpha_now()
+        if self.sam_xsam_alpha is not None:
+            engine.xsam_alpha = self.sam_xsam_alpha
         micro = SAMMicroBatch(
             engine=engine,
             sync=GradientSync(model, config.sync_ascent),
@@ -181,6 +193,8 @@ class SAMMixin:
             inputs=extra_inputs,
             side_effects=lambda: rolled_back(self, self.sam_rollback_attributes),
             rng=RandomState(device) if config.replay_rng else None,
+            probe=(lambda: self._sam_probe_loss(model, extra_inputs, num_items_in_batch)) if choose else None,
+            alphas=alpha_grid(config.xsam_alpha_max),
         )
         try:
             with self.sam_step_context(), micro.driving(self.accelerator):
@@ -193,10 +207,48 @@ class SAMMixin:
                 "a training_step override must call super().training_step() or self.accelerator.backward()."
             )
         self.sam_micro_batches_run += 1
+        if choose:
+            self.sam_xsam_alpha = engine.xsam_alpha
+            self._sam_xsam_epoch = self._sam_epoch_index()
         self._sam_metrics.record(
             engine, micro.clean, micro.perturbed, micro.pass_losses, self._loss_scale(), self.state.global_step
         )
         return loss
+
+    # ---------------------------------------------------------------------- XSAM
+    def _sam_epoch_index(self) -> int:
+        return math.floor((self.state.epoch or 0.0) + 1e-9)
+
+    def _sam_choose_xsam_alpha_now(self) -> bool:
+        """XSAM's dynamic alpha is chosen at the first optimizer step of every epoch."""
+        config = self.sam_config
+        if config.descent != "xsam" or config.xsam_alpha is not None:
+            return False
+        return self._sam_xsam_epoch != self._sam_epoch_index()
+
+    @torch.no_grad()
+    def _sam_probe_loss(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
+        """The training loss at the current weights, forward only (BatchNorm frozen by the caller)."""
+        prepared = self._prepare_inputs(dict(inputs))
+        with self.compute_loss_context_manager():
+            return self.compute_loss(model, dict(prepared), num_items_in_batch=num_items_in_batch).detach()
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.sam_config.descent == "xsam" and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            state = {"xsam_alpha": self.sam_xsam_alpha, "xsam_epoch": self._sam_xsam_epoch}
+            with open(os.path.join(folder, SAM_STATE_FILE), "w") as f:
+                json.dump(state, f)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        # called when training resumes from ``checkpoint``: restore the chosen alpha with the RNG states
+        super()._load_rng_state(checkpoint)
+        path = os.path.join(checkpoint, SAM_STATE_FILE) if checkpoint else None
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                state = json.load(f)
+            self.sam_xsam_alpha, self._sam_xsam_epoch = state["xsam_alpha"], state["xsam_epoch"]
 
     # ------------------------------------------------------------------- logging
     def _loss_scale(self) -> torch.Tensor | None:

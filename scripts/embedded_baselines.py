@@ -18,6 +18,20 @@ from hf_sam.tasks import DataArguments, ModelArguments, run_classification
 TASKS = [
     # name, kind, model args, data args, training args
     (
+        "digits (ResNet from config, the default)",
+        "image",
+        {"model_type": "resnet"},
+        {"dataset_name": "embedded:digits"},
+        {"num_train_epochs": 6, "learning_rate": 2e-3, "per_device_train_batch_size": 32},
+    ),
+    (
+        "mnist5k (ResNet from config, the default)",
+        "image",
+        {"model_type": "resnet"},
+        {"dataset_name": "embedded:mnist5k"},
+        {"max_steps": 150, "learning_rate": 2e-3, "per_device_train_batch_size": 32},
+    ),
+    (
         "digits (ViT from config)",
         "image",
         {"model_type": "vit"},

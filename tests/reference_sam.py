@@ -65,3 +65,43 @@ def sam_gradient(
     last = grad_at(vec + d, shapes, x, y)
     result = (sum(seen) + last) / k if descent == "mean" else last
     return (result, first_norm, torch.linalg.norm(d / t)) if norms else result
+
+
+def perturbation(vec, shapes, x, y, k, rho, rule="normalized", step_mult=1.0, adaptive=False, eta=0.01):
+    """d_k of the ascent, as in sam_gradient."""
+    t = vec.abs() + eta if adaptive else torch.ones_like(vec)
+    a = {"normalized": rho / k, "projected": rho * step_mult, "accumulated": rho}[rule]
+    d = torch.zeros_like(vec)
+    for _ in range(k):
+        u = t * grad_at(vec + d, shapes, x, y)
+        d = d + a * t * u / torch.linalg.norm(u)
+        if rule == "projected" and torch.linalg.norm(d / t) > rho:
+            d = d * (rho / torch.linalg.norm(d / t))
+    return d
+
+
+def slerp_direction(d, g, alpha):
+    """XSAM's u(alpha) between v0 = d/||d|| and v1 = g/||g||, straight from the paper's formula."""
+    v0, v1 = d / torch.linalg.norm(d), g / torch.linalg.norm(g)
+    phi = torch.arccos(torch.clamp(v0 @ v1, -1.0, 1.0))
+    if torch.sin(phi) < 1e-8:
+        s = v0 + v1
+        return s / torch.linalg.norm(s) if torch.linalg.norm(s) > 0 else v1
+    return (torch.sin((1 - alpha) * phi) * v0 + torch.sin(alpha * phi) * v1) / torch.sin(phi)
+
+
+def xsam_gradient(vec, shapes, x, y, k, rho, alpha, **ascent):
+    """XSAM's descent gradient ||g_k|| u(alpha) at weights ``vec``, and phi in degrees."""
+    d = perturbation(vec, shapes, x, y, k, rho, **ascent)
+    g = grad_at(vec + d, shapes, x, y)
+    v0, v1 = d / torch.linalg.norm(d), g / torch.linalg.norm(g)
+    phi = torch.rad2deg(torch.arccos(torch.clamp(v0 @ v1, -1.0, 1.0)))
+    return torch.linalg.norm(g) * slerp_direction(d, g, alpha), phi
+
+
+def xsam_best_alpha(vec, shapes, x, y, k, rho, rho_max, alphas, **ascent):
+    """The alpha of the grid with the largest loss at w + rho_max u(alpha)."""
+    d = perturbation(vec, shapes, x, y, k, rho, **ascent)
+    g = grad_at(vec + d, shapes, x, y)
+    losses = [float(loss_at(vec + rho_max * slerp_direction(d, g, a), shapes, x, y)) for a in alphas]
+    return alphas[max(range(len(alphas)), key=losses.__getitem__)], losses

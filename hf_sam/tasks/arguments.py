@@ -18,7 +18,10 @@ class ModelArguments:
     )
     model_type: str | None = field(
         default=None,
-        metadata={"help": "Build a new model of this type from its config (resnet, vit, bert, ...)."},
+        metadata={
+            "help": "Build a new model of this type from its config (resnet, vit, bert, ...). Images default to a "
+            "small ResNet, which learns from small data; a ViT from scratch needs far more."
+        },
     )
     config_overrides: str | None = field(
         default=None,

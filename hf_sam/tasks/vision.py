@@ -155,7 +155,7 @@ def prepare_image_task(model_args: ModelArguments, data_args: DataArguments, see
 
         size = data_args.image_size or native.shape[0]
         channels = native.shape[2]
-        config = default_config(model_args.model_type or "vit", size, channels)
+        config = default_config(model_args.model_type or "resnet", size, channels)
         apply_overrides(config, parse_config_overrides(model_args.config_overrides))
         for key, value in label_maps(names).items():
             setattr(config, key, value)
