@@ -23,6 +23,35 @@ def test_methods_parse():
             parse_method(bad)
 
 
+def test_xsam_methods_parse():
+    dynamic, fixed = parse_method("xsam-k3"), parse_method("xsam-fixed-k2")
+    assert (dynamic.descent, dynamic.xsam_alpha, dynamic.family) == ("xsam", None, "xsam")
+    assert (fixed.ascent_steps, fixed.xsam_alpha, fixed.family) == (2, 0.5, "xsam-fixed")
+
+
+def test_paired_interval_matches_scipy_and_gives_the_verdict():
+    from scipy import stats
+
+    from hf_sam.study.verdicts import paired_interval, verdict, verdict_table
+
+    a, b = [0.91, 0.89, 0.93, 0.90], [0.89, 0.88, 0.90, 0.88]
+    mean, low, high = paired_interval([x - y for x, y in zip(a, b, strict=True)])
+    ci = stats.ttest_rel(a, b).confidence_interval(0.95)
+    assert (low, high) == pytest.approx((ci.low, ci.high), rel=1e-12)
+    assert mean == pytest.approx(0.02) and verdict(low, high) == "better"
+    # differences 1, 2, 3: mean 2, sd 1, t(0.975, 2) = 4.302653 -> half width 2.484138
+    assert paired_interval([1.0, 2.0, 3.0]) == pytest.approx((2.0, 2.0 - 2.484138, 2.0 + 2.484138), rel=1e-6)
+    assert verdict(-0.5, 4.5) == "no difference shown" and verdict(-2.0, -0.1) == "worse"
+    rows = [
+        {"task": "t", "budget": "epochs", "method": m, "rho": 0.05, "seed": s, "eval_accuracy": acc}
+        for m, accs in {"sam": [0.8, 0.7, 0.9], "adamw": [0.7, 0.6, 0.8], "xsam-k2": [0.9, 0.6]}.items()
+        for s, acc in enumerate(accs)
+    ]
+    table = verdict_table(__import__("pandas").DataFrame(rows)).set_index("method")
+    assert table.loc["adamw", "verdict"] == "worse" and table.loc["adamw", "pairs"] == 3  # -0.1 every seed
+    assert table.loc["xsam-k2", "pairs"] == 2 and table.loc["xsam-k2", "difference"] == pytest.approx(-0.0)
+
+
 def test_grid_dedupes_and_scales_compute():
     config = StudyConfig.from_preset(
         "quick",
@@ -66,7 +95,7 @@ def test_tiny_study_end_to_end_with_resume(tmp_path, monkeypatch):
             {
                 "preset": "quick",
                 "tasks": ["digits"],
-                "methods": ["adamw", "sam", "normalized-k2"],
+                "methods": ["adamw", "sam", "normalized-k2", "xsam-k2"],
                 "seeds": [0, 1],
                 "budgets": ["epochs", "compute"],
                 "training_overrides": {"num_train_epochs": 0.3},
@@ -92,6 +121,9 @@ def test_tiny_study_end_to_end_with_resume(tmp_path, monkeypatch):
         assert f"figures/{figure}.png" in report and (out / "figures" / f"{figure}.png").stat().st_size > 1000
     summary = json.loads((out / "summary.json").read_text())
     assert {row["budget"] for row in summary} == {"epochs", "compute"}
+    assert "## Verdicts against SAM k=1" in report and "`xsam-k2`" in report
+    xsam = [row for row in results if row["method"] == "xsam-k2"]
+    assert xsam and all(0.0 <= row["train_sam_xsam_alpha"] <= 2.0 for row in xsam)
     surfaces = [r for r in runs if "surface" in __import__("numpy").load(run_dir(out, r) / "landscape.npz")]
     assert {r.method for r in surfaces} == {"sam", "normalized-k2"}
 

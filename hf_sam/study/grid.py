@@ -88,24 +88,29 @@ class MethodSpec:
     ascent_rule: str = "normalized"
     descent: str = "last"
     adaptive: bool = False
+    xsam_alpha: float | None = None  # descent "xsam": fixed alpha, or None for the dynamic choice
 
     @property
     def family(self) -> str:
-        """What a plot line is: the rule, or the variant for mean/ASAM."""
+        """What a plot line is: the rule, or the variant for mean/ASAM/XSAM."""
         if self.ascent_steps == 0:
             return "adamw"
         if self.adaptive:
             return "asam"
-        if self.descent == "mean":
-            return "mean"
+        if self.descent in ("mean", "xsam"):
+            return self.descent if self.xsam_alpha is None else "xsam-fixed"
         return self.ascent_rule
 
 
-_METHOD = re.compile(r"^(normalized|projected|accumulated|mean|asam)-k(\d+)$")
+# XSAM's fixed-alpha variant: halfway between descending along the ascent (0) and SAM's descent (1)
+XSAM_FIXED_ALPHA = 0.5
+_METHOD = re.compile(r"^(normalized|projected|accumulated|mean|asam|xsam|xsam-fixed)-k(\d+)$")
 
 
 def parse_method(name: str) -> MethodSpec:
-    """adamw (k=0), sam (k=1), {normalized,projected,accumulated,mean,asam}-k<N>."""
+    """adamw (k=0), sam (k=1), {normalized,projected,accumulated,mean,asam,xsam,xsam-fixed}-k<N>.
+
+    xsam: normalized ascent, XSAM descent with the dynamic alpha; xsam-fixed: alpha 0.5."""
     if name == "adamw":
         return MethodSpec(name, 0)
     if name == "sam":
@@ -113,7 +118,8 @@ def parse_method(name: str) -> MethodSpec:
     match = _METHOD.match(name)
     if not match:
         raise ValueError(
-            f"Unknown method {name!r}: use adamw, sam, or normalized|projected|accumulated|mean|asam-k<N>."
+            f"Unknown method {name!r}: use adamw, sam, or "
+            "normalized|projected|accumulated|mean|asam|xsam|xsam-fixed-k<N>."
         )
     kind, k = match.group(1), int(match.group(2))
     if k < 1:
@@ -122,6 +128,10 @@ def parse_method(name: str) -> MethodSpec:
         return MethodSpec(name, k, descent="mean")
     if kind == "asam":
         return MethodSpec(name, k, adaptive=True)
+    if kind == "xsam":
+        return MethodSpec(name, k, descent="xsam")
+    if kind == "xsam-fixed":
+        return MethodSpec(name, k, descent="xsam", xsam_alpha=XSAM_FIXED_ALPHA)
     return MethodSpec(name, k, ascent_rule=kind)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import verdicts
 from .grid import RunSpec, StudyConfig, parse_method
 
 FAMILY_COLORS = {
@@ -17,6 +18,8 @@ FAMILY_COLORS = {
     "accumulated": "tab:green",
     "mean": "tab:purple",
     "asam": "tab:red",
+    "xsam": "tab:brown",
+    "xsam-fixed": "tab:pink",
 }
 MEASURES = [
     ("m_sharpness", "worst-case loss increase in the rho-ball (m=64)"),
@@ -79,9 +82,9 @@ def _plt():
 def _lines_vs_k(ax, data: pd.DataFrame, value: str) -> None:
     """One line per ascent rule over k; k=0 (AdamW) and k=1 (SAM) are shared by the rules."""
     base = data[data["ascent_steps"] <= 1]
-    for family in ("normalized", "projected", "accumulated", "mean", "asam"):
+    for family in ("normalized", "projected", "accumulated", "mean", "asam", "xsam", "xsam-fixed"):
         part = data[data["family"] == family]
-        if family in ("normalized", "projected", "accumulated", "mean"):
+        if family != "asam":
             part = pd.concat([base[base["family"].isin(["adamw", "normalized"])], part])
         if part.empty or part["family"].eq(family).sum() == 0:
             continue
@@ -298,6 +301,8 @@ def write_report(config: StudyConfig, root: Path) -> Path:
     (root / "results.json").write_text(df.to_json(orient="records", indent=1))
     data = _with_budgets(df, config)
     summary = summarize(data)
+    verdict_frame = verdicts.verdict_table(data)
+    verdict_frame.to_csv(root / "verdicts.csv", index=False)
     summary.to_csv(root / "summary.csv", index=False)
     (root / "summary.json").write_text(summary.to_json(orient="records", indent=1))
     figures = root / "figures"
@@ -357,6 +362,14 @@ def write_report(config: StudyConfig, root: Path) -> Path:
         "",
         *_findings(summary),
         "",
+        "## Verdicts against SAM k=1",
+        "",
+        "Validation accuracy of every method minus SAM k=1's on the same task, budget and seed: the mean of "
+        "the seed-paired differences with its 95% Student t interval. The verdict comes from the interval "
+        "alone: *better* or *worse* when it excludes 0, *no difference shown* when it contains 0 (which is "
+        "not a proof of equality: few seeds give wide intervals).",
+        "",
+        *verdicts.markdown(verdict_frame),
         "## Accuracy against the number of ascent steps",
         "",
         "Mean over seeds, error bars one standard deviation. k = 0 (AdamW) and k = 1 (SAM) are shared by the rules.",

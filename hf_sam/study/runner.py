@@ -61,6 +61,7 @@ def _training_args(config: StudyConfig, run: RunSpec, output_dir: Path, spec_tra
         sam_descent=method.descent,
         sam_adaptive=method.adaptive,
         sam_diagnostics=method.ascent_steps >= 1,
+        sam_xsam_alpha=method.xsam_alpha,
     )
     return SAMTrainingArguments(**values)
 
