@@ -6,6 +6,7 @@ from .args import SAMArgumentsMixin, SAMSeq2SeqTrainingArguments, SAMTrainingArg
 from .ascent import MultiStepAscent
 from .checks import upcast_trainable_parameters
 from .config import SAMConfig
+from .lookbehind import LookbehindSAM
 from .trainer import SAMMixin, SAMSeq2SeqTrainer, SAMTrainer
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "LookbehindSAM",
     "MultiStepAscent",
     "SAMArgumentsMixin",
     "SAMConfig",
