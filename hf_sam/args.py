@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
-from .config import ASCENT_RULES, DESCENT_RULES, SAMConfig
+from .config import ASCENT_RULES, DESCENT_RULES, METHODS, SAMConfig
 
 
 @dataclass
@@ -72,6 +72,19 @@ class SAMArgumentsMixin:
     sam_xsam_rho_max: float | None = field(
         default=None, metadata={"help": "XSAM: the radius of the dynamic choice's points (default 2 * sam_rho)."}
     )
+    sam_method: str = field(
+        default="sam",
+        metadata={
+            "help": "sam (multi-step SAM with the rules above) or lookbehind (Lookbehind-SAM: k ascent steps of "
+            "sam_rho, an optimizer step of fast weights after each, then the weights move by "
+            "sam_lookbehind_alpha towards the fast ones).",
+            "choices": list(METHODS),
+        },
+    )
+    sam_lookbehind_alpha: float | None = field(
+        default=0.5,
+        metadata={"help": "Lookbehind's alpha in (0, 1]; unset (None) for the adaptive per-tensor alpha."},
+    )
     sam_diagnostics: bool = field(
         default=False,
         metadata={
@@ -115,6 +128,8 @@ class SAMArgumentsMixin:
             xsam_alpha=self.sam_xsam_alpha,
             xsam_alpha_max=self.sam_xsam_alpha_max,
             xsam_rho_max=self.sam_xsam_rho_max,
+            method=self.sam_method,
+            lookbehind_alpha=self.sam_lookbehind_alpha,
         )
 
 

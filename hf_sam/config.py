@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 ASCENT_RULES = ("normalized", "projected", "accumulated")
+METHODS = ("sam", "lookbehind")
 DESCENT_RULES = ("last", "mean", "xsam")
 
 
@@ -25,6 +26,10 @@ class SAMConfig:
         w + xsam_rho_max u(alpha).
     xsam_alpha_max: the largest alpha of the dynamic choice.
     xsam_rho_max: the radius of the dynamic choice's points (None: 2 rho).
+    method: "sam" (everything above) or "lookbehind" (Lookbehind-SAM: k ascent steps of rho, an
+        optimizer step of fast weights after each, then the slow weights move by lookbehind_alpha
+        towards the fast ones; see :mod:`hf_sam.lookbehind`).
+    lookbehind_alpha: Lookbehind's alpha in (0, 1], or None for the adaptive per-tensor alpha.
     sync_ascent: under DDP, all-reduce the ascent gradients (one perturbation for all ranks).
     replay_rng: run every ascent and descent pass with the random state of the clean pass (the same
         dropout masks), so that the loss difference is the perturbation's alone.
@@ -45,6 +50,8 @@ class SAMConfig:
     xsam_alpha: float | None = None
     xsam_alpha_max: float = 2.0
     xsam_rho_max: float | None = None
+    method: str = "sam"
+    lookbehind_alpha: float | None = 0.5
 
     def __post_init__(self) -> None:
         self.validate()
@@ -92,8 +99,29 @@ class SAMConfig:
         if k == 0 and self.descent in ("mean", "xsam"):
             fail("descent", self.descent, f"'{self.descent}' needs {prefix}ascent_steps >= 1")
         self._validate_xsam(fail, prefix)
+        self._validate_method(fail, prefix)
         if k == 0 and self.adaptive:
             fail("adaptive", self.adaptive, f"ASAM needs {prefix}ascent_steps >= 1")
+
+    def _validate_method(self, fail, prefix: str) -> None:
+        if self.method not in METHODS:
+            fail("method", self.method, f"allowed values are {', '.join(METHODS)}")
+        alpha = self.lookbehind_alpha
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1):
+            fail("lookbehind_alpha", alpha, "it must be in (0, 1], or None for the adaptive alpha")
+        if self.method == "sam":
+            if alpha != 0.5:
+                fail("lookbehind_alpha", alpha, f"it is used only by {prefix}method='lookbehind'")
+            return
+        if self.ascent_steps < 1:
+            fail("method", self.method, f"'lookbehind' needs {prefix}ascent_steps >= 1")
+        # Lookbehind has its own ascent (k steps of rho) and descent (optimizer steps on fast weights)
+        for name, default in (
+            ("ascent_rule", "normalized"), ("descent", "last"), ("adaptive", False), ("step_mult", 1.0),
+            ("sync_ascent", False), ("diagnostics", False),
+        ):  # fmt: skip
+            if getattr(self, name) != default:
+                fail(name, getattr(self, name), f"{prefix}method='lookbehind' has its own ascent and descent")
 
     def _validate_xsam(self, fail, prefix: str) -> None:
         for name in ("xsam_alpha", "xsam_rho_max"):
@@ -132,6 +160,8 @@ class SAMConfig:
         kwargs.pop("sync_ascent")
         kwargs.pop("replay_rng")
         kwargs.pop("xsam_alpha_max")
+        kwargs.pop("method")
+        kwargs.pop("lookbehind_alpha")
         if self.descent == "xsam":
             kwargs["xsam_alpha"] = 1.0 if self.xsam_alpha is None else float(self.xsam_alpha)  # chosen at step 1
         else:

@@ -14,10 +14,8 @@ with alpha fixed in (0, 1] or, per parameter tensor, (cos(theta_1 - phi, theta_k
 published code recomputes g(phi'_i) for the next ascent (2k passes); here the gradient at phi'_i
 serves both the descent of step i and the ascent of step i + 1 (k + 1 passes).
 
-Why not in SAMTrainer: the Trainer owns optimizer.step(), clipping, the scheduler, loss scaling and
-gradient accumulation, and calls each once per step; Lookbehind steps the optimizer k times inside
-one batch and then moves the weights by an interpolation the optimizer never sees. Doing that inside
-the Trainer would mean re-implementing its step, so it lives here, for the plain loop.
+SAMTrainer runs the same rule with ``sam_method="lookbehind"`` (:mod:`hf_sam.lookbehind_trainer`):
+it takes the first k - 1 optimizer steps itself and leaves the k-th to the Trainer.
 """
 
 from __future__ import annotations
@@ -88,9 +86,8 @@ class LookbehindSAM:
         clean, grad = self._gradient_at_params(closure)  # g(phi'_0) = g(phi)
         first_move: list[Tensor] | None = None
         for _ in range(self.ascent_steps):
+            ascend_(chain, grad, self.rho)
             with torch.no_grad():
-                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grad)))
-                torch._foreach_add_(chain, torch._foreach_div(grad, norm.clamp_min(1e-300) / self.rho))
                 torch._foreach_copy_(params, chain)
             _, grad = self._gradient_at_params(closure)  # g(phi'_i): this descent and the next ascent
             with torch.no_grad():
@@ -102,22 +99,39 @@ class LookbehindSAM:
                 torch._foreach_copy_(fast, params)
                 if first_move is None:
                     first_move = torch._foreach_sub(fast, slow)  # theta_1 - phi
-        with torch.no_grad():
-            move = torch._foreach_sub(fast, slow)  # theta_k - phi
-            alphas = self._alphas(first_move, move)
-            self.last_alphas = alphas
-            torch._foreach_copy_(params, slow)
-            torch._foreach_add_(params, [a.to(m.dtype) * m for a, m in zip(alphas, move, strict=True)])
+        self.last_alphas = look_behind_(params, slow, fast, first_move, self.alpha)
         return clean
 
-    def _alphas(self, first: list[Tensor], last: list[Tensor]) -> list[Tensor]:
-        if self.alpha is not None:
-            return [torch.tensor(float(self.alpha), dtype=torch.float64, device=m.device) for m in last]
-        out = []
-        for a, b in zip(first, last, strict=True):
-            a64, b64 = a.double().reshape(-1), b.double().reshape(-1)
-            denominator = torch.linalg.vector_norm(a64) * torch.linalg.vector_norm(b64)
-            # no movement in a tensor: nothing to interpolate, take the full step
-            cos = torch.where(denominator > 0, (a64 @ b64) / denominator.clamp_min(1e-300), torch.ones(()).double())
-            out.append((cos.clamp(-1.0, 1.0) + 1.0) / 2.0)
-        return out
+
+@torch.no_grad()
+def ascend_(chain: list[Tensor], grad: list[Tensor], rho: float) -> None:
+    """chain <- chain + rho g/||g|| (the norm over all tensors)."""
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grad)))
+    torch._foreach_add_(chain, torch._foreach_div(grad, norm.clamp_min(1e-300) / rho))
+
+
+@torch.no_grad()
+def look_behind_(
+    params: list[Tensor], slow: list[Tensor], fast: list[Tensor], first_move: list[Tensor] | None, alpha: float | None
+) -> list[Tensor]:
+    """params <- phi + alpha (theta_k - phi); returns the alphas (one per tensor)."""
+    move = torch._foreach_sub(fast, slow)  # theta_k - phi
+    alphas = interpolation_alphas(move if first_move is None else first_move, move, alpha)
+    torch._foreach_copy_(params, slow)
+    torch._foreach_add_(params, [a.to(m.dtype) * m for a, m in zip(alphas, move, strict=True)])
+    return alphas
+
+
+def interpolation_alphas(first: list[Tensor], last: list[Tensor], alpha: float | None) -> list[Tensor]:
+    """alpha for every tensor, or (cos(theta_1 - phi, theta_k - phi) + 1)/2 per tensor when None."""
+    if alpha is not None:
+        return [torch.tensor(float(alpha), dtype=torch.float64, device=m.device) for m in last]
+    out = []
+    for a, b in zip(first, last, strict=True):
+        a64, b64 = a.double().reshape(-1), b.double().reshape(-1)
+        denominator = torch.linalg.vector_norm(a64) * torch.linalg.vector_norm(b64)
+        # no movement in a tensor: nothing to interpolate, take the full step
+        one = torch.ones((), dtype=torch.float64, device=a.device)
+        cos = torch.where(denominator > 0, (a64 @ b64) / denominator.clamp_min(1e-300), one)
+        out.append((cos.clamp(-1.0, 1.0) + 1.0) / 2.0)
+    return out

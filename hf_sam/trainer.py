@@ -22,6 +22,7 @@ from .ascent import MultiStepAscent
 from .checks import check_launch, check_trainable_dtypes
 from .config import SAMConfig
 from .launch import GradientSync
+from .lookbehind_trainer import LookbehindStep, check_lookbehind
 from .sam_step import RandomState, SAMMicroBatch, frozen_batchnorm_stats, rolled_back
 from .step_metrics import SAMStepMetrics
 from .xsam import alpha_grid
@@ -87,9 +88,14 @@ class SAMMixin:
         # XSAM's dynamic alpha and the epoch it was chosen in (saved with checkpoints)
         self.sam_xsam_alpha: float | None = sam_config.xsam_alpha
         self._sam_xsam_epoch: int | None = None
+        self._lookbehind: LookbehindStep | None = None
         if sam_config.ascent_steps >= 1:
             self.add_callback(_EverySAMStepRan(self))
             check_launch(self)
+        if sam_config.method == "lookbehind":
+            check_lookbehind(self)
+            self._lookbehind = LookbehindStep(self)
+            self.add_callback(self._lookbehind)
             if self.model is not None:
                 check_trainable_dtypes(self.model)
 
@@ -177,6 +183,9 @@ class SAMMixin:
         """
         if self.sam_config.ascent_steps == 0:
             return super().training_step(model, inputs, num_items_in_batch)
+        if self._lookbehind is not None:  # another method, its own step (hf_sam.lookbehind_trainer)
+            self.sam_micro_batches_run += 1
+            return self._lookbehind.run(model, self._prepare_inputs(inputs), num_items_in_batch)
         engine = self._sam_bind(model)
         inputs = self.sam_shared_inputs(model, inputs)
         extra_inputs = dict(inputs)  # before the clean pass can change the dict it is given
@@ -259,6 +268,9 @@ class SAMMixin:
 
     def sam_log_metrics(self) -> dict[str, float]:
         """The sam/* metrics averaged since the last call (and reset)."""
+        if self._lookbehind is not None:
+            alphas = self._lookbehind.last_alphas
+            return {"sam/lookbehind_alpha": float(torch.stack(alphas).mean())} if alphas else {}
         return self._sam_metrics.read(self.state.global_step, self.accelerator)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
