@@ -27,6 +27,8 @@ def test_xsam_methods_parse():
     dynamic, fixed = parse_method("xsam-k3"), parse_method("xsam-fixed-k2")
     assert (dynamic.descent, dynamic.xsam_alpha, dynamic.family) == ("xsam", None, "xsam")
     assert (fixed.ascent_steps, fixed.xsam_alpha, fixed.family) == (2, 0.5, "xsam-fixed")
+    lookbehind = parse_method("lookbehind-k2")
+    assert (lookbehind.method, lookbehind.ascent_steps, lookbehind.family) == ("lookbehind", 2, "lookbehind")
 
 
 def test_paired_interval_matches_scipy_and_gives_the_verdict():
@@ -95,7 +97,7 @@ def test_tiny_study_end_to_end_with_resume(tmp_path, monkeypatch):
             {
                 "preset": "quick",
                 "tasks": ["digits"],
-                "methods": ["adamw", "sam", "normalized-k2", "xsam-k2"],
+                "methods": ["adamw", "sam", "normalized-k2", "xsam-k2", "lookbehind-k2"],
                 "seeds": [0, 1],
                 "budgets": ["epochs", "compute"],
                 "training_overrides": {"num_train_epochs": 0.3},
@@ -114,7 +116,7 @@ def test_tiny_study_end_to_end_with_resume(tmp_path, monkeypatch):
         assert 0.0 <= row["eval_accuracy"] <= 1.0
         assert row["forward_backward_passes"] == row["optimizer_steps"] * (row["ascent_steps"] + 1)
         assert row["hessian_trace"] == row["hessian_trace"]  # not NaN
-        if row["ascent_steps"] >= 1:
+        if row["ascent_steps"] >= 1 and not row["method"].startswith("lookbehind"):  # no ascent diagnostics there
             assert row["train_sam_ascent_loss_1"] >= row["train_sam_ascent_loss_0"] - 1e-6
     report = (out / "report.md").read_text()
     for figure in ("accuracy_vs_k", "sharpness_vs_k", "ascent_losses", "landscapes", "accuracy_vs_compute"):
@@ -124,6 +126,7 @@ def test_tiny_study_end_to_end_with_resume(tmp_path, monkeypatch):
     assert "## Verdicts against SAM k=1" in report and "`xsam-k2`" in report
     xsam = [row for row in results if row["method"] == "xsam-k2"]
     assert xsam and all(0.0 <= row["train_sam_xsam_alpha"] <= 2.0 for row in xsam)
+    assert "`lookbehind-k2`" in report
     surfaces = [r for r in runs if "surface" in __import__("numpy").load(run_dir(out, r) / "landscape.npz")]
     assert {r.method for r in surfaces} == {"sam", "normalized-k2"}
 

@@ -89,12 +89,15 @@ class MethodSpec:
     descent: str = "last"
     adaptive: bool = False
     xsam_alpha: float | None = None  # descent "xsam": fixed alpha, or None for the dynamic choice
+    method: str = "sam"  # or "lookbehind" (Lookbehind-SAM with alpha LOOKBEHIND_ALPHA)
 
     @property
     def family(self) -> str:
         """What a plot line is: the rule, or the variant for mean/ASAM/XSAM."""
         if self.ascent_steps == 0:
             return "adamw"
+        if self.method == "lookbehind":
+            return "lookbehind"
         if self.adaptive:
             return "asam"
         if self.descent in ("mean", "xsam"):
@@ -104,13 +107,14 @@ class MethodSpec:
 
 # XSAM's fixed-alpha variant: halfway between descending along the ascent (0) and SAM's descent (1)
 XSAM_FIXED_ALPHA = 0.5
-_METHOD = re.compile(r"^(normalized|projected|accumulated|mean|asam|xsam|xsam-fixed)-k(\d+)$")
+_METHOD = re.compile(r"^(normalized|projected|accumulated|mean|asam|xsam|xsam-fixed|lookbehind)-k(\d+)$")
 
 
 def parse_method(name: str) -> MethodSpec:
     """adamw (k=0), sam (k=1), {normalized,projected,accumulated,mean,asam,xsam,xsam-fixed}-k<N>.
 
-    xsam: normalized ascent, XSAM descent with the dynamic alpha; xsam-fixed: alpha 0.5."""
+    xsam: normalized ascent, XSAM descent with the dynamic alpha; xsam-fixed: alpha 0.5;
+    lookbehind: Lookbehind-SAM with alpha 0.5 (the paper's fixed alpha)."""
     if name == "adamw":
         return MethodSpec(name, 0)
     if name == "sam":
@@ -119,7 +123,7 @@ def parse_method(name: str) -> MethodSpec:
     if not match:
         raise ValueError(
             f"Unknown method {name!r}: use adamw, sam, or "
-            "normalized|projected|accumulated|mean|asam|xsam|xsam-fixed-k<N>."
+            "normalized|projected|accumulated|mean|asam|xsam|xsam-fixed|lookbehind-k<N>."
         )
     kind, k = match.group(1), int(match.group(2))
     if k < 1:
@@ -132,6 +136,8 @@ def parse_method(name: str) -> MethodSpec:
         return MethodSpec(name, k, descent="xsam")
     if kind == "xsam-fixed":
         return MethodSpec(name, k, descent="xsam", xsam_alpha=XSAM_FIXED_ALPHA)
+    if kind == "lookbehind":
+        return MethodSpec(name, k, method="lookbehind")
     return MethodSpec(name, k, ascent_rule=kind)
 
 
@@ -144,11 +150,12 @@ QUICK_METHODS = [
     "projected-k3",
     "xsam-k3",
     "xsam-fixed-k3",
+    "lookbehind-k2",
 ]
 PAPER_METHODS = (
     ["adamw", "sam"]
     + [f"{r}-k{k}" for r in ("normalized", "projected", "accumulated", "mean") for k in (2, 3, 5)]
-    + ["asam-k1", "asam-k3", "xsam-k2", "xsam-k3", "xsam-fixed-k3"]
+    + ["asam-k1", "asam-k3", "xsam-k2", "xsam-k3", "xsam-fixed-k3", "lookbehind-k2", "lookbehind-k3"]
 )
 
 PRESETS: dict[str, dict[str, Any]] = {

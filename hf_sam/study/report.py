@@ -20,6 +20,7 @@ FAMILY_COLORS = {
     "asam": "tab:red",
     "xsam": "tab:brown",
     "xsam-fixed": "tab:pink",
+    "lookbehind": "tab:olive",
 }
 MEASURES = [
     ("m_sharpness", "worst-case loss increase in the rho-ball (m=64)"),
@@ -82,7 +83,7 @@ def _plt():
 def _lines_vs_k(ax, data: pd.DataFrame, value: str) -> None:
     """One line per ascent rule over k; k=0 (AdamW) and k=1 (SAM) are shared by the rules."""
     base = data[data["ascent_steps"] <= 1]
-    for family in ("normalized", "projected", "accumulated", "mean", "asam", "xsam", "xsam-fixed"):
+    for family in ("normalized", "projected", "accumulated", "mean", "asam", "xsam", "xsam-fixed", "lookbehind"):
         part = data[data["family"] == family]
         if family != "asam":
             part = pd.concat([base[base["family"].isin(["adamw", "normalized"])], part])
@@ -150,6 +151,8 @@ def _figure_ascent_losses(df, path: Path) -> None:
             if not all(c in part for c in columns):
                 continue
             values = part[columns].to_numpy(dtype=float)
+            if np.isnan(values).all():  # a method without ascent diagnostics (Lookbehind)
+                continue
             increase = values - values[:, :1]
             ax.plot(
                 range(k + 1),

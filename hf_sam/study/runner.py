@@ -60,8 +60,9 @@ def _training_args(config: StudyConfig, run: RunSpec, output_dir: Path, spec_tra
         sam_ascent_rule=method.ascent_rule,
         sam_descent=method.descent,
         sam_adaptive=method.adaptive,
-        sam_diagnostics=method.ascent_steps >= 1,
+        sam_diagnostics=method.ascent_steps >= 1 and method.method == "sam",
         sam_xsam_alpha=method.xsam_alpha,
+        sam_method=method.method,
     )
     return SAMTrainingArguments(**values)
 
