@@ -92,12 +92,12 @@ class SAMMixin:
         if sam_config.ascent_steps >= 1:
             self.add_callback(_EverySAMStepRan(self))
             check_launch(self)
+            if self.model is not None:
+                check_trainable_dtypes(self.model)
         if sam_config.method == "lookbehind":
             check_lookbehind(self)
             self._lookbehind = LookbehindStep(self)
             self.add_callback(self._lookbehind)
-            if self.model is not None:
-                check_trainable_dtypes(self.model)
 
     @property
     def sam_skipped_ascents(self) -> int:
