@@ -31,10 +31,10 @@ from torch import Tensor
 
 from .descents import MeanDescentSum
 from .directions import DirectionTracker
+from .rules import RULES, project_, step_size
 from .tensors import ShardLayout, global_norm, local
 from .xsam import best_alpha, descend_along_slerp
 
-_RULES = ("normalized", "projected", "accumulated")
 _DESCENTS = ("last", "mean", "xsam")
 # Above this the single fused "p += (a/||g||) g" would overflow fp32; divide first instead.
 _MAX_FUSED_SCALE = 1e30
@@ -93,8 +93,8 @@ class MultiStepAscent:
         xsam_alpha: float = 1.0,
         xsam_rho_max: float | None = None,
     ) -> None:
-        if ascent_rule not in _RULES:
-            raise ValueError(f"ascent_rule={ascent_rule!r} is invalid: allowed values are {', '.join(_RULES)}.")
+        if ascent_rule not in RULES:
+            raise ValueError(f"ascent_rule={ascent_rule!r} is invalid: allowed values are {', '.join(RULES)}.")
         if descent not in _DESCENTS:
             raise ValueError(f"descent={descent!r} is invalid: allowed values are {', '.join(_DESCENTS)}.")
         if int(ascent_steps) < 1:
@@ -116,12 +116,7 @@ class MultiStepAscent:
         self.xsam_alpha = float(xsam_alpha)
         self.xsam_rho_max = 2 * self.rho if xsam_rho_max is None else float(xsam_rho_max)
         self.xsam_angle: Tensor | None = None  # phi of the last XSAM descent, in degrees
-        if ascent_rule == "normalized":
-            self.step_size = self.rho / self.ascent_steps
-        elif ascent_rule == "projected":
-            self.step_size = self.rho * self.step_mult
-        else:
-            self.step_size = self.rho
+        self.step_size = step_size(ascent_rule, self.rho, self.ascent_steps, self.step_mult)
         self._weights: list[Tensor] = self._layout.locals(self.params)  # local shards under FSDP2
         self._backup: list[Tensor] | None = None  # the one fp32 copy of the weights, reused every step
         self._held: list[Tensor | None] | None = None  # accumulated grads set aside during the ascent
@@ -361,19 +356,6 @@ class MultiStepAscent:
         self._mean = None
         self.perturbation_norm = self._zero()
 
-    def _displacement(self, out: list[Tensor] | None = None) -> list[Tensor]:
-        """d = p - w, divided by T under ASAM (the norm the ball is defined in); written into
-        ``out`` (free buffers shaped like the params) when given, else newly allocated."""
-        if out is None:
-            d = torch._foreach_sub(self._weights, self._backup)
-        else:
-            d = out
-            torch._foreach_copy_(d, self._weights)
-            torch._foreach_sub_(d, self._backup)
-        if self.adaptive:
-            torch._foreach_div_(d, self._scale)
-        return d
-
     def _measure_perturbation(self) -> None:
         if not self.moved:
             self.perturbation_norm = self._zero()
@@ -384,21 +366,9 @@ class MultiStepAscent:
             self._measure_on_restore = True  # set by restore()
 
     def _project(self, scratch: list[Tensor] | None = None) -> None:
-        """Project w + d onto ||d|| <= rho (||d/T|| under ASAM), without a host sync.
-
-        ``scratch``: free buffers shaped like the params to hold d (saves an allocation).
-        """
+        """The "projected" rule's projection; ``scratch``: free buffers to hold d (saves an allocation)."""
         if not self.moved:
             self.perturbation_norm = self._zero()
             return
-        d = self._displacement(scratch)
-        norm = global_norm(d, self._layout, self._layout.flags())
-        # c = min(1, rho/||d||); the division is safe because a moved point has ||d|| > 0
-        shrink = torch.clamp(self.rho / norm.clamp_min(1e-300), max=1.0)
-        self.perturbation_norm = norm * shrink
-        if self.adaptive:
-            torch._foreach_mul_(d, self._scale)  # back to weight units
-        # w + c d = (w + d) + (c - 1) d; inside the ball c - 1 = 0 leaves the weights untouched
-        torch._foreach_mul_(d, (shrink - 1).to(d[0].dtype))
-        torch._foreach_add_(self._weights, d)
+        self.perturbation_norm = project_(self._weights, self._backup, self._scale, self.rho, self._layout, scratch)
         self._reach = self.rho

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-ASCENT_RULES = ("normalized", "projected", "accumulated")
+from . import rules
+
+ASCENT_RULES = rules.RULES
 METHODS = ("sam", "lookbehind")
 DESCENT_RULES = ("last", "mean", "xsam")
 
@@ -173,11 +175,7 @@ class SAMConfig:
     @property
     def step_size(self) -> float:
         """The length a of each ascent step, in the rule's norm."""
-        if self.ascent_rule == "normalized":
-            return self.rho / max(self.ascent_steps, 1)
-        if self.ascent_rule == "projected":
-            return self.rho * self.step_mult
-        return self.rho
+        return rules.step_size(self.ascent_rule, self.rho, max(self.ascent_steps, 1), self.step_mult)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
