@@ -22,6 +22,7 @@ def check_launch(trainer) -> None:
             "update and all-reduce the weights. Use DDP (accelerate launch --multi_gpu) or "
             "sam_ascent_steps=0."
         )
+    check_xsam(trainer)
     if trainer.is_fsdp_enabled:
         check_fsdp(trainer)
     elif trainer.args.fsdp:
@@ -75,6 +76,19 @@ def upcast_trainable_parameters(model: nn.Module) -> list[str]:
             p.data = p.data.float()  # before any optimizer exists, as nn.Module.float() does
             cast.append(name)
     return cast
+
+
+def check_xsam(trainer) -> None:
+    """XSAM's combination needs one d_k and one g_k on every rank: a synchronized ascent and no
+    accumulation (the gradients of earlier micro-batches are set aside during the descent backward,
+    so DDP would not all-reduce them)."""
+    if trainer.sam_config.descent != "xsam" or trainer.args.world_size <= 1:
+        return
+    if not trainer.sam_config.sync_ascent or trainer.args.gradient_accumulation_steps > 1:
+        raise ValueError(
+            "sam_descent='xsam' with several processes needs --sam_sync_ascent true and gradient_accumulation_steps=1: "
+            "every rank must combine the same perturbation d_k with the same all-reduced gradient g_k."
+        )
 
 
 def check_fsdp(trainer) -> None:

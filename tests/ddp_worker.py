@@ -36,6 +36,7 @@ class SeeingTrainer(SAMTrainer):
 
 def main():
     out_dir, k, grad_accum, sync = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+    xsam = {"sam_descent": "xsam", "sam_xsam_alpha": 0.5} if len(sys.argv) > 5 and sys.argv[5] == "xsam" else {}
     torch.set_num_threads(1)
     set_seed(0)
     model = TinyNet()
@@ -47,6 +48,7 @@ def main():
         sam_ascent_steps=k,
         sam_rho=0.3,
         sam_sync_ascent=sync,
+        **xsam,
     )
     trainer = SeeingTrainer(model=model, args=args, train_dataset=make_data(24, seed=4), callbacks=[rec])
     trainer.train()

@@ -22,7 +22,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp_path, k, grad_accum, sync):
+def _launch(tmp_path, k, grad_accum, sync, descent="last"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
         sys.executable,
@@ -37,6 +37,7 @@ def _launch(tmp_path, k, grad_accum, sync):
         str(k),
         str(grad_accum),
         "1" if sync else "0",
+        descent,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -73,3 +74,18 @@ def test_sync_and_per_device_differ(tmp_path):
     a = _launch(tmp_path / "a", 2, 1, False)
     b = _launch(tmp_path / "b", 2, 1, True)
     assert (flatten(a[0]["after"]) - flatten(b[0]["after"])).abs().max() > 1e-6
+
+
+def test_ddp_xsam_uses_the_all_reduced_gradient_and_the_shared_perturbation(tmp_path):
+    """XSAM under DDP (synchronized ascent, required): every rank combines the same d_k (from the
+    all-reduced ascent gradients) with the same all-reduced g_k, so the update is XSAM on the joint batch."""
+    from .reference_sam import xsam_gradient
+
+    ranks = _launch(tmp_path, 2, 1, True, "xsam")
+    before = ranks[0]["before"]
+    shapes = {n: tuple(before[n].shape) for n in NAMES}
+    x = torch.cat([r["batches"][0]["x"] for r in ranks])
+    y = torch.cat([r["batches"][0]["labels"] for r in ranks])
+    want = flatten(before) - 0.1 * xsam_gradient(flatten(before), shapes, x, y, 2, 0.3, 0.5)[0]
+    for r in ranks:
+        torch.testing.assert_close(flatten(r["after"]), want, rtol=0, atol=1e-12)

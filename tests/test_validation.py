@@ -188,3 +188,18 @@ def test_fsdp_flag_on_cpu_warns_that_it_is_not_active(caplog):
     with caplog.at_level(logging.WARNING, logger="hf_sam.checks"):
         check_launch(trainer)
     assert "FSDP is not active" in caplog.text and "with DDP" in caplog.text
+
+
+@pytest.mark.parametrize("sync,accumulation", [(False, 1), (True, 2)])
+def test_xsam_under_ddp_needs_a_synchronized_ascent_and_no_accumulation(sync, accumulation):
+    from types import SimpleNamespace
+
+    from hf_sam import SAMConfig
+    from hf_sam.checks import check_launch
+
+    trainer = _FakeFSDPTrainer(2, sync, accumulation)
+    trainer.is_fsdp_enabled = False
+    trainer.sam_config = SAMConfig(ascent_steps=2, sync_ascent=sync, descent="xsam")
+    trainer.args = SimpleNamespace(gradient_accumulation_steps=accumulation, n_gpu=1, fsdp=False, world_size=2)
+    with pytest.raises(ValueError, match="sam_descent='xsam' with several processes"):
+        check_launch(trainer)
