@@ -1,5 +1,7 @@
 """Bad input fails before training with a message naming the field; unsupported set-ups are refused."""
 
+import re
+
 import pytest
 import torch
 from transformers import HfArgumentParser, set_seed
@@ -203,3 +205,20 @@ def test_xsam_under_ddp_needs_a_synchronized_ascent_and_no_accumulation(sync, ac
     trainer.args = SimpleNamespace(gradient_accumulation_steps=accumulation, n_gpu=1, fsdp=False, world_size=2)
     with pytest.raises(ValueError, match="sam_descent='xsam' with several processes"):
         check_launch(trainer)
+
+
+@pytest.mark.parametrize(
+    "kwargs,field,words",
+    [
+        ({"sam_xsam_alpha": 0.5}, "sam_xsam_alpha", "used only by sam_descent='xsam'"),
+        ({"sam_descent": "xsam", "sam_xsam_alpha": -1.0}, "sam_xsam_alpha", ">= 0"),
+        ({"sam_descent": "xsam", "sam_xsam_alpha_max": 0.0}, "sam_xsam_alpha_max", "> 0"),
+        ({"sam_method": "lookbehind", "sam_adaptive": True}, "sam_adaptive", "own ascent and descent"),
+        ({"sam_method": "lookbehind", "sam_lookbehind_alpha": 1.5}, "sam_lookbehind_alpha", "(0, 1]"),
+        ({"sam_lookbehind_alpha": 0.3}, "sam_lookbehind_alpha", "used only by sam_method='lookbehind'"),
+    ],
+)
+def test_method_options_are_checked(tmp_path, kwargs, field, words):
+    with pytest.raises(ValueError, match=re.escape(field)) as info:
+        SAMTrainingArguments(output_dir=str(tmp_path), **{**BASE_ARGS, **kwargs})
+    assert words in str(info.value)
