@@ -58,12 +58,12 @@ class RandomState:
         self._cuda = device.type == "cuda" and torch.cuda.is_available()
         self._cpu = torch.get_rng_state()
         self._gpu = torch.cuda.get_rng_state(device) if self._cuda else None
-        self._device = device
+        self.device = device
 
     def apply(self) -> None:
         torch.set_rng_state(self._cpu)
         if self._cuda:
-            torch.cuda.set_rng_state(self._gpu, self._device)
+            torch.cuda.set_rng_state(self._gpu, self.device)
 
 
 class SAMMicroBatch:
@@ -130,7 +130,7 @@ class SAMMicroBatch:
         backward(clean)  # the first ascent gradient, at w
         self.clean = clean.detach()
         self.pass_losses = [self.clean]
-        after_clean = RandomState(self.rng._device) if self.rng is not None else None
+        after_clean = RandomState(self.rng.device) if self.rng is not None else None
         with self.side_effects(), frozen_batchnorm_stats(self.batchnorms):
             try:
                 moving = engine.ascend()

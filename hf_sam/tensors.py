@@ -64,7 +64,10 @@ class ShardLayout:
             dist.all_reduce(total, group=self.group)
         return total + _squares(plain, dtype).to(total.device)
 
-    def flags(self, indices: Sequence[int] | None = None) -> list[bool]:
+    def flags(self, indices: Sequence[int] | None = None) -> list[bool] | None:
+        """Which tensors are shards (None without shards: nothing to tell apart, nothing to build per step)."""
+        if not self.sharded:
+            return None
         return self._is_shard if indices is None else [self._is_shard[j] for j in indices]
 
 

@@ -190,7 +190,6 @@ class SAMMixin:
         inputs = self.sam_shared_inputs(model, inputs)
         extra_inputs = dict(inputs)  # before the clean pass can change the dict it is given
         config = self.sam_config
-        device = next(iter(engine.params)).device
         choose = self._sam_choose_xsam_alpha_now()
         if self.sam_xsam_alpha is not None:
             engine.xsam_alpha = self.sam_xsam_alpha
@@ -201,9 +200,9 @@ class SAMMixin:
             run_pass=lambda batch, factor, backward: self._sam_pass(model, batch, num_items_in_batch, factor, backward),
             inputs=extra_inputs,
             side_effects=lambda: rolled_back(self, self.sam_rollback_attributes),
-            rng=RandomState(device) if config.replay_rng else None,
+            rng=RandomState(engine.params[0].device) if config.replay_rng else None,
             probe=(lambda: self._sam_probe_loss(model, extra_inputs, num_items_in_batch)) if choose else None,
-            alphas=alpha_grid(config.xsam_alpha_max),
+            alphas=alpha_grid(config.xsam_alpha_max) if choose else None,
         )
         try:
             with self.sam_step_context(), micro.driving(self.accelerator):
