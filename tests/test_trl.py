@@ -131,19 +131,33 @@ def test_wrong_base_order_is_refused_with_the_fix():
 
 
 def test_sam_config_reaches_a_trainer_with_trl_arguments(tmp_path):
+    """The two routes for the SAM knobs, sam_config=SAMConfig(...) with TRL's own SFTConfig and the
+    combined SAMSFTConfig, train the same weights bit for bit; without SAM the weights differ."""
     from hf_sam import SAMConfig, SAMMixin
 
     class MySFT(SAMMixin, trl.SFTTrainer):
         pass
 
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, **TRL_ARGS)
-    trainer = MySFT(
-        model=gpt2(dtype=torch.float32), args=args, train_dataset=arithmetic_dataset()["train"].select(range(4)),
-        processing_class=word_tokenizer(), sam_config=SAMConfig(ascent_steps=3, rho=0.2),
-    )  # fmt: skip
-    trainer.train()
-    assert trainer.sam_config.ascent_steps == 3
-    assert any("sam/sharpness" in entry for entry in trainer.state.log_history)
+    data = arithmetic_dataset()["train"].select(range(8))
+    common = dict(max_steps=2, learning_rate=1e-2, bf16=False, **TRL_ARGS)
+    finals = {}
+    for route in ("sam_config", "combined", "plain"):
+        if route == "sam_config":
+            args = trl.SFTConfig(output_dir=str(tmp_path / route), **common)
+            extra = {"sam_config": SAMConfig(ascent_steps=3, rho=0.2)}
+            cls = MySFT
+        else:
+            k = 3 if route == "combined" else 0
+            args = SAMSFTConfig(output_dir=str(tmp_path / route), sam_ascent_steps=k, sam_rho=0.2, **common)
+            extra, cls = {}, SAMSFTTrainer
+        trainer = cls(
+            model=gpt2(dtype=torch.float32), args=args, train_dataset=data, processing_class=word_tokenizer(),
+            **extra,
+        )  # fmt: skip
+        trainer.train()
+        finals[route] = [p.detach().clone() for p in trainer.model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(finals["sam_config"], finals["combined"], strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(finals["sam_config"], finals["plain"], strict=True))
 
 
 def _preferences(n):
