@@ -13,8 +13,11 @@ accelerate loop. One training step with k ascent steps is driven as::
     engine.restore()                  # weights copied back from the snapshot
 
 or all at once with :meth:`MultiStepAscent.step`. The hot path uses foreach kernels (a
-constant number of launches per ascent step) and reads one scalar back to the host per
-ascent step: the gradient norm, to skip non-finite ascents.
+constant number of launches per ascent step) and reads nothing back to the host: the gradient
+norm, the skip of a non-finite ascent and the step size are all decided on the device
+(:mod:`hf_sam.guarded`), so a GPU's launch queue never drains inside a step. A non-finite
+ascent therefore does not stop the loop: the remaining ascent passes run and leave the weights
+where they are, and the descent is at w. What the ascent did is in :attr:`record`.
 
 FSDP2 (``fully_shard``) parameters are DTensor shards: the engine works on their local tensors
 and takes every norm over all shards (:mod:`hf_sam.tensors`), so the perturbation is the one a
@@ -29,26 +32,21 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
+from .ascent_record import AscentRecord
 from .descents import MeanDescentSum
 from .directions import DirectionTracker
+from .guarded import add_scaled_unless_, reset_where_
 from .rules import RULES, project_, step_size
 from .tensors import ShardLayout, global_norm, local
 from .xsam import best_alpha, descend_along_slerp
 
 _DESCENTS = ("last", "mean", "xsam")
-# Above this the single fused "p += (a/||g||) g" would overflow fp32; divide first instead.
-_MAX_FUSED_SCALE = 1e30
-# below this the fast norm may have lost squares to underflow: redo it in float64
-_UNDERFLOW_RISK = 1e-15
 
 
-def _gradient_norm(grads: list[Tensor], layout: ShardLayout, flags: list[bool]) -> float:
-    """The global norm on the host: fast in the tensors' dtype, redone in float64 only when the
-    fast one may have overflowed or underflowed (squares of fp32 values beyond ~1e19 or below ~1e-19)."""
-    norm = global_norm(grads, layout, flags).item()  # the one host sync of an ascent step
-    if not math.isfinite(norm) or norm < _UNDERFLOW_RISK:
-        norm = global_norm(grads, layout, flags, dtype=torch.float64).item()
-    return norm
+def scaled_loss(loss: Tensor, factor: float | Tensor) -> Tensor:
+    """``loss * factor``, skipping the multiplication for a plain 1 (a tensor factor is never compared:
+    that would read it back to the host)."""
+    return loss if isinstance(factor, float) and factor == 1.0 else loss * factor
 
 
 class MultiStepAscent:
@@ -73,10 +71,10 @@ class MultiStepAscent:
             between the first ascent gradient and the descent gradient (keeps two more copies
             of the gradients; for diagnostics, not for speed).
 
-    After each training step the attributes ``grad_norms`` (host floats, one per ascent
-    step, in the rule's norm), ``perturbation_norm`` (||d_k||, a 0-d tensor, in the rule's
-    norm), ``skipped`` (a non-finite gradient norm dropped the perturbation) and
-    ``zero_gradient`` (a zero gradient left the weights unperturbed) describe it.
+    After each training step :attr:`record` (an :class:`~hf_sam.ascent_record.AscentRecord` of
+    device tensors) and ``perturbation_norm`` (||d_k||, a 0-d tensor, in the rule's norm) describe
+    it; the properties ``grad_norms``, ``skipped``, ``moved`` and ``zero_gradient`` read the record
+    back to the host (each read waits for the device: for logs and tests, not for the hot path).
     """
 
     def __init__(
@@ -129,14 +127,29 @@ class MultiStepAscent:
     def _reset_step_state(self) -> None:
         self.steps_taken = 0
         self._reach = 0.0  # an upper bound on ||d|| in the rule's norm: the steps' lengths added up
+        self._shifted = False
         self._measure_on_restore = False
-        self.moved = False
-        self.skipped = False
-        self.zero_gradient = False
-        self.grad_norms: list[float] = []
+        self.record = AscentRecord(self._weights[0].device)
         self.perturbation_norm: Tensor | None = None
         self.successive_cosines: list[Tensor] = []  # with track_directions only
         self.descent_cosine: Tensor | None = None
+
+    # host reads of the record (each waits for the device)
+    @property
+    def grad_norms(self) -> list[float]:
+        return [float(n) for n in self.record.grad_norms]
+
+    @property
+    def skipped(self) -> bool:
+        return bool(self.record.dropped)
+
+    @property
+    def moved(self) -> bool:
+        return bool(self.record.moved)
+
+    @property
+    def zero_gradient(self) -> bool:
+        return bool(self.record.zero)
 
     # ----------------------------------------------------------------- step protocol
     @torch.no_grad()
@@ -162,11 +175,12 @@ class MultiStepAscent:
         self._in_step = True
 
     @torch.no_grad()
-    def ascend(self) -> bool:
+    def ascend(self) -> Tensor:
         """Take one ascent step with the gradient in p.grad, then clear p.grad.
 
-        Returns True while the ascent goes on, False once a non-finite gradient norm has
-        dropped the perturbation (the weights are back at w; stop ascending and descend).
+        Nothing is read back to the host. Returns a 0-d bool tensor, false once a non-finite
+        gradient norm has dropped the perturbation; a loop need not look at it (testing it reads
+        it back): after a drop the remaining steps leave the weights alone and the descent is at w.
         """
         if not self._in_step:
             raise RuntimeError("MultiStepAscent.ascend() called outside begin()/restore().")
@@ -179,43 +193,29 @@ class MultiStepAscent:
         grads = [local(self.params[j].grad) for j in idx]
         for j in idx:
             self.params[j].grad = None
-        if self.skipped:
-            return False
-        if self._mean is not None and i >= 2:
-            self._mean.add(idx, grads)
         if self._directions is not None:
             self._directions.ascent_gradient(idx, grads, i)
             self.successive_cosines = self._directions.successive
         if self.adaptive:
             scale = [self._scale[j] for j in idx]
             torch._foreach_mul_(grads, scale)  # u = T g
-        norm = _gradient_norm(grads, self._layout, self._layout.flags(idx))
-        self.grad_norms.append(norm)
-        if not math.isfinite(norm):
-            self._drop_perturbation()
-            return False
-        if norm == 0.0:
-            # Nothing to climb along: this step does not move; the descent is a plain step if
-            # no earlier step moved.
-            self.zero_gradient = True
-        else:
-            if self.adaptive:
-                torch._foreach_mul_(grads, scale)  # T^2 g
-            factor = self.step_size / norm
-            if factor < _MAX_FUSED_SCALE:
-                torch._foreach_add_(weights, grads, alpha=factor)
-            else:  # tiny norm: normalise first so the scale cannot overflow
-                torch._foreach_div_(grads, norm)
-                torch._foreach_add_(weights, grads, alpha=self.step_size)
-            self.moved = True
-            self._reach += self.step_size  # each step has length step_size in the rule's norm
+        # float64 accumulation: fp32 squares overflow beyond ~1e19 and underflow below ~1e-19
+        norm = global_norm(grads, self._layout, self._layout.flags(idx), dtype=torch.float64)
+        moving = self.record.observe(norm)
+        if self._mean is not None and i >= 2:
+            self._mean.add(idx, grads, skip=self.record.dropped)  # T g under ASAM: divided by T at the fold
+        if self.adaptive:
+            torch._foreach_mul_(grads, scale)  # T^2 g
+        # a / ||g|| is inf or nan only when the step is skipped, and then the kernel does not read it
+        add_scaled_unless_(weights, grads, self.step_size / norm, ~moving)
+        self._reach += self.step_size  # each step has length step_size (or 0) in the rule's norm
         if self.ascent_rule == "projected" and self._reach > self.rho:
             # the consumed gradients are free: d = p - w is formed in them, not in new memory
             self._project(grads if len(idx) == len(self.params) else None)
         elif i == self.ascent_steps:
             # projected too when the steps cannot have left the ball (k=1, or step_mult <= 1/k)
             self._measure_perturbation()
-        return True
+        return self.record.intact
 
     @torch.no_grad()
     def shift(self, offsets: list[Tensor]) -> None:
@@ -225,26 +225,35 @@ class MultiStepAscent:
         if not self._in_step:
             raise RuntimeError("MultiStepAscent.shift() called outside begin()/restore().")
         torch._foreach_add_(self._weights, [local(o).to(w) for w, o in zip(self._weights, offsets, strict=True)])
-        self.moved = True
+        self.record._moved = torch.ones_like(self.record._moved)
+        self._shifted = True
         self._reach = math.inf  # unknown: project (and measure) from here on
 
     @torch.no_grad()
-    def begin_descent(self) -> float:
+    def begin_descent(self) -> float | Tensor:
         """Put the accumulated gradients back in p.grad before the descent backward.
 
         Returns the factor to multiply the descent loss by: 1 for "last", 1/k for "mean"
-        (p.grad then already holds (1/k) times the sum of the gradients at d_1..d_{k-1}).
+        (p.grad then already holds (1/k) times the sum of the gradients at d_1..d_{k-1}), as a
+        0-d tensor for "mean" (1 when the ascent was dropped).
         """
         if not self._in_step:
             raise RuntimeError("MultiStepAscent.begin_descent() called outside begin()/restore().")
         for p in self.params:
             p.grad = None  # an ascent pass without a following ascend() leaves nothing behind
+        dropped = self.record.dropped
+        if self.steps_taken >= 2 or self._shifted:  # a drop after a move: back to w, decided on the device
+            reset_where_(self._weights, self._backup, dropped)
+        if self.perturbation_norm is not None:
+            norm = self.perturbation_norm
+            self.perturbation_norm = torch.where(dropped, torch.zeros_like(norm), norm)
         if self._directions is not None:
             self._directions.before_descent_backward(self._held)
-        factor = 1.0
-        if self._mean is not None and not self.skipped and self.steps_taken == self.ascent_steps:
-            factor = 1.0 / self.ascent_steps
-            self._mean.fold_into(self._held, self.params, factor)
+        factor: float | Tensor = 1.0
+        if self._mean is not None and self.steps_taken == self.ascent_steps:
+            one = torch.ones((), dtype=torch.float64, device=dropped.device)
+            factor = torch.where(dropped, one, one / self.ascent_steps)
+            self._mean.fold_into(self._held, self.params, factor, skip=dropped, divide_by=self._scale)
         self._mean = None
         if self.descent != "xsam":  # XSAM needs g_k alone: the accumulated grads return in end_descent()
             self._return_held_grads()
@@ -309,16 +318,14 @@ class MultiStepAscent:
         self.begin()
         try:
             clean = None
-            for _ in range(self.ascent_steps):
+            for _ in range(self.ascent_steps):  # all k passes: whether to stop is not read from the device
                 loss = compute_loss()
                 backward(loss)
                 if clean is None:
                     clean = loss.detach()
-                if not self.ascend():
-                    break
+                self.ascend()
             factor = self.begin_descent()
-            loss = compute_loss()
-            backward(loss * factor if factor != 1.0 else loss)
+            backward(scaled_loss(compute_loss(), factor))
             self.end_descent()
         finally:
             self.restore()
@@ -345,30 +352,14 @@ class MultiStepAscent:
             p.grad = g
         self._held = None
 
-    def _zero(self) -> Tensor:
-        return torch.zeros((), dtype=torch.float64, device=self._weights[0].device)
-
-    def _drop_perturbation(self) -> None:
-        """A non-finite ascent: go back to w and descend there, as a plain step."""
-        torch._foreach_copy_(self._weights, self._backup)
-        self.skipped = True
-        self.moved = False
-        self._mean = None
-        self.perturbation_norm = self._zero()
-
     def _measure_perturbation(self) -> None:
-        if not self.moved:
-            self.perturbation_norm = self._zero()
-        elif self.steps_taken == 1:
-            # one step of length a in the rule's norm: known without touching the weights
-            self.perturbation_norm = torch.full((), self.step_size, dtype=torch.float64, device=self._zero().device)
+        if self.steps_taken == 1 and not self._shifted:
+            # one step of length a in the rule's norm (or none): known without touching the weights
+            self.perturbation_norm = self.step_size * self.record.moved.double()
         else:
             self._measure_on_restore = True  # set by restore()
 
     def _project(self, scratch: list[Tensor] | None = None) -> None:
         """The "projected" rule's projection; ``scratch``: free buffers to hold d (saves an allocation)."""
-        if not self.moved:
-            self.perturbation_norm = self._zero()
-            return
         self.perturbation_norm = project_(self._weights, self._backup, self._scale, self.rho, self._layout, scratch)
         self._reach = self.rho

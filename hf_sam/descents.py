@@ -10,34 +10,50 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .guarded import add_scaled_unless_
 from .tensors import grad_like, local
 
 
 class MeanDescentSum:
-    """S = g_1 + ... + g_{k-1}, one buffer per tensor (local shards), filled with foreach kernels."""
+    """S = g_1 + ... + g_{k-1}, one buffer per tensor (local shards), filled on the device: a step
+    flagged ``skip`` (a dropped ascent) adds nothing, so S stays finite."""
 
     def __init__(self, size: int) -> None:
         self.sums: list[Tensor | None] = [None] * size
+        self._one: Tensor | None = None
 
-    def add(self, idx: list[int], grads: list[Tensor]) -> None:
-        """S += g; a tensor's first gradient is copied in."""
+    def add(self, idx: list[int], grads: list[Tensor], skip: Tensor) -> None:
+        """S += g unless ``skip`` (a 0-d bool tensor); a tensor's first gradient starts from zero."""
         fresh = [(j, g) for j, g in zip(idx, grads, strict=True) if self.sums[j] is None]
-        known = [(self.sums[j], g) for j, g in zip(idx, grads, strict=True) if self.sums[j] is not None]
-        if known:
-            torch._foreach_add_([s for s, _ in known], [g for _, g in known])
-        if fresh:
-            copies = torch._foreach_mul([g for _, g in fresh], 1.0)
-            for (j, _), copy in zip(fresh, copies, strict=True):
-                self.sums[j] = copy
+        if fresh:  # zeros shaped like g, one foreach call (g * 0 alone would keep a nan)
+            zeros = torch._foreach_mul([g for _, g in fresh], 0.0)
+            torch._foreach_zero_(zeros)
+            for (j, _), z in zip(fresh, zeros, strict=True):
+                self.sums[j] = z
+        if self._one is None:
+            self._one = torch.ones((), dtype=torch.float64, device=skip.device)
+        add_scaled_unless_([self.sums[j] for j in idx], grads, self._one, skip)
 
-    def fold_into(self, held: list[Tensor | None], params: list[Tensor], factor: float) -> None:
-        """held += factor * S, where held are the gradients set aside (None: S becomes the gradient)."""
+    def fold_into(
+        self,
+        held: list[Tensor | None],
+        params: list[Tensor],
+        factor: Tensor,
+        skip: Tensor,
+        divide_by: list[Tensor] | None = None,
+    ) -> None:
+        """held += factor * S (nothing if ``skip``), where held are the gradients set aside (None: S
+        becomes the gradient, zero if ``skip``); ``divide_by``: ASAM's T, when S summed T g."""
         pairs = [(j, s) for j, s in enumerate(self.sums) if s is not None]
+        if divide_by is not None and pairs:
+            torch._foreach_div_([s for _, s in pairs], [divide_by[j] for j, _ in pairs])
         onto = [(local(held[j]), s) for j, s in pairs if held[j] is not None]
         alone = [(j, s) for j, s in pairs if held[j] is None]
         if onto:
-            torch._foreach_add_([h for h, _ in onto], [s for _, s in onto], alpha=factor)
+            add_scaled_unless_([h for h, _ in onto], [s for _, s in onto], factor, skip)
         if alone:
-            torch._foreach_mul_([s for _, s in alone], factor)
+            # S is finite (skipped adds wrote nothing); the factor is 0 for a dropped ascent
+            kept = torch.where(skip, torch.zeros_like(factor), factor)
+            torch._foreach_mul_([s for _, s in alone], kept)
             for j, s in alone:
                 held[j] = grad_like(params[j], s)

@@ -133,13 +133,12 @@ class SAMMicroBatch:
         after_clean = RandomState(self.rng.device) if self.rng is not None else None
         with self.side_effects(), frozen_batchnorm_stats(self.batchnorms):
             try:
-                moving = engine.ascend()
+                engine.ascend()
+                # all k passes: a dropped ascent is known on the device only; its remaining steps do not move
                 for _ in range(engine.ascent_steps - 1):
-                    if not moving:
-                        break
                     self._replay()
                     self.pass_losses.append(self.run_pass(self.inputs, 1.0, backward))
-                    moving = engine.ascend()
+                    engine.ascend()
                 factor = engine.begin_descent()
                 self._replay()
                 with self.sync.descent():

@@ -19,14 +19,23 @@ def _unscaled(norm: float, loss_scale: torch.Tensor | None) -> float | torch.Ten
 
 
 class SAMStepMetrics:
-    """Accumulates what each SAM micro-batch measured until the next logging step."""
+    """Accumulates what each SAM micro-batch measured until the next logging step, on the device."""
 
     def __init__(self, diagnostics: bool) -> None:
         self.diagnostics = diagnostics
-        self.skipped_ascents = 0  # totals over the whole run
-        self.zero_gradient_ascents = 0
+        self._skipped: torch.Tensor | int = 0  # totals over the whole run, summed on the device
+        self._zero_gradient: torch.Tensor | int = 0
+        self._skipped_warned = 0
         self.last_logged_step = 0
         self._reset()
+
+    @property
+    def skipped_ascents(self) -> int:
+        return int(self._skipped)  # reads the device
+
+    @property
+    def zero_gradient_ascents(self) -> int:
+        return int(self._zero_gradient)
 
     def _reset(self) -> None:
         self._sums: dict[str, torch.Tensor | float] = {}
@@ -42,10 +51,11 @@ class SAMStepMetrics:
         loss_scale: torch.Tensor | None,
         global_step: int,
     ) -> None:
+        ascent = engine.record
         values = {
             "sam/loss_clean": clean.double(),
             "sam/loss_perturbed": perturbed.double(),
-            "sam/grad_norm": _unscaled(engine.grad_norms[0] if engine.grad_norms else 0.0, loss_scale),
+            "sam/grad_norm": _unscaled(ascent.grad_norms[0] if ascent.grad_norms else 0.0, loss_scale),
             "sam/perturbation_norm": engine.perturbation_norm.to(clean.device)
             if engine.perturbation_norm is not None
             else 0.0,
@@ -59,13 +69,8 @@ class SAMStepMetrics:
             self._sums[key] = self._sums.get(key, 0.0) + value
             self._counts[key] = self._counts.get(key, 0) + 1
         self._micro_batches += 1
-        self.skipped_ascents += int(engine.skipped)
-        self.zero_gradient_ascents += int(engine.zero_gradient and not engine.moved)
-        if engine.skipped:
-            logger.warning(
-                "SAM ascent skipped at step %d: non-finite gradient norm; descending at the unperturbed weights.",
-                global_step,
-            )
+        self._skipped = self._skipped + ascent.dropped.long()
+        self._zero_gradient = self._zero_gradient + (ascent.zero & ~ascent.moved).long()
 
     @staticmethod
     def _diagnostic_values(
@@ -73,11 +78,11 @@ class SAMStepMetrics:
     ) -> dict[str, object]:
         """Loss at each ascent point d_i, gradient norm at each step, and the direction cosines."""
         values: dict[str, object] = {}
-        # losses[i] = L(w + d_i); a step whose ascent stopped early has fewer points
-        for i, loss in enumerate([*pass_losses[1:], perturbed] if engine.moved else []):
+        # losses[i] = L(w + d_i) (L(w) after a dropped or zero ascent: the weights did not move)
+        for i, loss in enumerate([*pass_losses[1:], perturbed]):
             values[f"sam/ascent_loss_{i + 1}"] = loss.double()
         values["sam/ascent_loss_0"] = pass_losses[0].double()
-        for i, norm in enumerate(engine.grad_norms):
+        for i, norm in enumerate(engine.record.grad_norms):
             values[f"sam/ascent_grad_norm_{i + 1}"] = _unscaled(norm, scale)
         if engine.successive_cosines:
             values["sam/cos_successive"] = torch.stack(engine.successive_cosines).mean()
@@ -105,7 +110,16 @@ class SAMStepMetrics:
                 else:
                     out[key] = total / self._counts[key]
             out["sam/sharpness"] = out["sam/loss_perturbed"] - out["sam/loss_clean"]
-        out["sam/skipped_ascents"] = float(self.skipped_ascents)
+        skipped = self.skipped_ascents
+        if skipped > self._skipped_warned:
+            logger.warning(
+                "SAM: %d ascent(s) dropped up to step %d: non-finite gradient norm; those steps descended "
+                "at the unperturbed weights.",
+                skipped - self._skipped_warned,
+                global_step,
+            )
+            self._skipped_warned = skipped
+        out["sam/skipped_ascents"] = float(skipped)
         out["sam/zero_gradient_ascents"] = float(self.zero_gradient_ascents)
         self._reset()
         self.last_logged_step = global_step

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 
 from .args import SAMArgumentsMixin
-from .ascent import MultiStepAscent
+from .ascent import MultiStepAscent, scaled_loss
 from .checks import check_launch, check_trainable_dtypes
 from .config import SAMConfig
 from .launch import GradientSync
@@ -149,7 +149,7 @@ class SAMMixin:
         model: nn.Module,
         inputs: dict[str, Any],
         num_items_in_batch: Any,
-        factor: float,
+        factor: float | torch.Tensor,
         backward: Any,
     ) -> torch.Tensor:
         """One extra forward+backward pass as the stock training_step makes it; returns its loss."""
@@ -167,7 +167,7 @@ class SAMMixin:
             )
         if not scaled:
             loss = loss / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        backward(loss * factor if factor != 1.0 else loss)
+        backward(scaled_loss(loss, factor))
         return loss.detach()
 
     def training_step(

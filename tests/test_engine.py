@@ -265,7 +265,8 @@ def test_ops_per_ascent_step_do_not_grow_with_the_number_of_tensors(engine_kwarg
     # parameter tensors; a per-tensor Python loop would show up here as 20 times more calls
     few, many = _ops_per_phase(3, **engine_kwargs), _ops_per_phase(60, **engine_kwargs)
     assert few == many
-    assert all(len(ops) <= 25 for ops in many.values()), many
+    # about 15 of them are 0-d kernels: the skip, the step size and the projection decided on the device
+    assert all(len(ops) <= 40 for ops in many.values()), many
 
 
 @pytest.mark.parametrize("rule", ["normalized", "projected", "accumulated"])

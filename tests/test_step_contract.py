@@ -113,7 +113,8 @@ def test_non_finite_ascent_descends_at_w_and_is_counted(tmp_path, k, poisoned_ca
     w = flatten(rec.before[0])
     want = w - 0.1 * grad_at(w, _shapes(model), x, y)  # a plain step at the unperturbed weights
     torch.testing.assert_close(flatten(rec.final), want, rtol=0, atol=1e-12)
-    assert model.calls == poisoned_call + 1, "the ascent stops at the non-finite step"
+    # the decision stays on the device, so every pass runs: the ones after the drop do not move
+    assert model.calls == k + 1
     train_logs = [entry for entry in logs.logs if "loss" in entry]
     assert train_logs[-1]["sam/skipped_ascents"] == 1
     assert trainer.sam_skipped_ascents == 1

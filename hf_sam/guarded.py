@@ -1,0 +1,66 @@
+"""Weight updates decided on the device: a 0-d flag skips them, and nothing is read back to the host.
+
+A non-finite ascent gradient must leave the weights finite and untouched, yet asking the host whether
+its norm is finite would drain a GPU's launch queue before every forward pass. The fused SGD kernel
+takes a device flag (``found_inf``, the one GradScaler uses) and skips the whole update when it is
+set, and it takes its learning rate as a device tensor: with ``maximize=True`` and no momentum or
+weight decay it is exactly ``p += lr * g`` with both the size and the skip decided on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+_F32_MAX = torch.finfo(torch.float32).max
+
+
+def add_scaled_unless_(targets: Sequence[Tensor], sources: Sequence[Tensor], scale: Tensor, skip: Tensor) -> None:
+    """``targets += scale * sources`` unless the 0-d bool ``skip`` is set, in which case nothing is
+    written (so non-finite ``sources`` never reach ``targets``). ``scale``: a 0-d float tensor."""
+    fused: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    for t, s in zip(targets, sources, strict=True):
+        if t.is_contiguous() and s.is_contiguous() and s.dtype == t.dtype and s.device == t.device:
+            pair = fused.setdefault((t.device, t.dtype), ([], []))
+            pair[0].append(t)
+            pair[1].append(s)
+        else:  # the fused kernel needs matching dense layouts: this tensor alone, masked (rare)
+            t.add_(torch.where(skip, torch.zeros((), dtype=t.dtype, device=t.device), s * scale.to(t.dtype)))
+    found_inf = skip.to(torch.float32)  # the kernel reads the flag as a float
+    for (device, dtype), (ts, ss) in fused.items():
+        torch._fused_sgd_(
+            ts,
+            ss,
+            [],
+            weight_decay=0.0,
+            momentum=0.0,
+            lr=_learning_rate(scale, device, dtype),
+            dampening=0.0,
+            nesterov=False,
+            maximize=True,  # p -= lr * (-g)
+            is_first_step=False,
+            found_inf=found_inf.to(device),
+        )
+
+
+def _learning_rate(scale: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The kernel's lr: read as a double on the CPU, as a float32 on accelerators; a scale beyond
+    float32 (a gradient norm below 1e-38) is clamped so that it cannot overflow to inf."""
+    if dtype != torch.float64:
+        scale = scale.clamp(max=_F32_MAX)
+    return scale.to(device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
+
+
+def reset_where_(targets: Sequence[Tensor], sources: Sequence[Tensor], flag: Tensor) -> None:
+    """``targets <- sources`` if the 0-d bool ``flag`` is set, else unchanged, without a host read:
+    lerp with weight 1 is ``end`` and with weight 0 is ``start`` exactly (finite values)."""
+    weights: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+    per_tensor = []
+    for t in targets:
+        key = (t.device, t.dtype)
+        if key not in weights:
+            weights[key] = flag.to(device=t.device, dtype=t.dtype)
+        per_tensor.append(weights[key])
+    torch._foreach_lerp_(list(targets), list(sources), per_tensor)
