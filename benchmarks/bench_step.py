@@ -1,18 +1,24 @@
 #!/usr/bin/env python
-"""SAM step time and peak memory against the (k+1)-pass floor and a peer SAM, measured in one run.
+"""SAM step time and peak memory against the (k+1)-pass floor and a peer SAM, measured in one run,
+every ratio with a 95% confidence interval.
 
-Variants, all on the same model, batch and AdamW optimizer, timed interleaved (round-robin) after
-warm-up, median of many steps:
+Variants, all on the same model, batch and AdamW optimizer:
   floor  k+1 plain forward+backward passes (accumulating) + one optimizer step: what SAM cannot beat
   plain  SAMTrainer.training_step with k=0 (the stock Trainer step) + optimizer step
   sam    SAMTrainer.training_step with k ascent steps and a rule + optimizer step
   peer   pytorch_optimizer's SAM (k=1): first_step/second_step with a closure-free loop
 
-Two ratios: `x floor` (the target) and `x trainer` = against the stock Trainer step plus k more
-plain passes (plain + floor_k - floor_0), which leaves out the Trainer's own per-step work
-(model.train(), input preparation) that SAMTrainer pays once, like the Trainer.
+After warm-up the variants are timed in rounds, each round running every variant once in a shuffled
+order, and every ratio is taken within a round (paired), so drift of the machine cancels. Rounds are
+added until every SAM row's intervals are narrower than --target (+-1% by default) or the time cap is
+hit; the table says which (benchmarks/intervals.py). Three ratios: `x floor`, `x trainer` = against
+the stock Trainer step plus k more plain passes (plain + floor_k - floor_0), which leaves out the
+Trainer's own per-step work (model.train(), input preparation) that SAMTrainer pays once, like the
+Trainer, and `x peer` (k=1). The targets, judged from the intervals only (met / missed / not
+resolved): SAM <= 1.03 x trainer, and SAM <= 1.00 x peer at k=1.
 
-    python benchmarks/bench_step.py --preset cpu --json benchmarks/cpu.json
+    python benchmarks/bench_step.py --quick                 # k=1 rows of resnet-small, about 5 minutes
+    python benchmarks/bench_step.py --preset cpu --json benchmarks/cpu_results.json
     python benchmarks/bench_step.py --preset gpu            # BERT-base, ViT-base, ResNet-50 in bf16
 
 Peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the growth of the peak RSS of a
@@ -34,6 +40,13 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from intervals import Interval, Rounds, ratio_interval  # noqa: E402
+
+TRAINER_LIMIT = 1.03  # SAM <= 1.03 x (stock Trainer step + k plain passes)
+PEER_LIMIT = 1.00  # never slower than the peer at k=1
+TRAINER_KEY, PEER_KEY = f"x trainer <= {TRAINER_LIMIT}", f"x peer <= {PEER_LIMIT}"
 
 
 @dataclass
@@ -184,23 +197,60 @@ def variant_list(ks: list[int], rules: list[str]) -> list[tuple[str, int, str]]:
     return out
 
 
-def time_case(case: Case, variants, steps: int, warmup: int, bf16: bool, device: str) -> dict:
+def _timer(runners: dict, device: str):
+    def time_one(variant) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        runners[variant]()
+        _sync(device)
+        return time.perf_counter() - start
+
+    return time_one
+
+
+def ratios(rounds: Rounds) -> dict:
+    """Every ratio of every variant with its interval: {(variant, name): Interval}."""
+    t = {v: rounds.times[v] for v in rounds.variants}
+    floor = {v[1]: t[v] for v in rounds.variants if v[0] == "floor"}
+    plain = t.get(("plain", 0, "-"))
+    peer = next((t[v] for v in rounds.variants if v[0] == "peer"), None)
+    out = {}
+    for v in rounds.variants:
+        kind, k, _ = v
+        if k in floor:
+            out[v, "floor"] = ratio_interval(t[v], floor[k])
+            if plain is not None and 0 in floor:
+                trainer = [p + f - f0 for p, f, f0 in zip(plain, floor[k], floor[0], strict=True)]
+                out[v, "trainer"] = ratio_interval(t[v], trainer)
+        if peer is not None and kind == "sam" and k == 1:
+            out[v, "peer"] = ratio_interval(t[v], peer)
+    return out
+
+
+def _target_widths(rounds: Rounds) -> list[float]:
+    """The half-widths the sampling waits on: every ratio of the SAM rows."""
+    return [iv.half_width for (v, _), iv in ratios(rounds).items() if v[0] == "sam"] or [0.0]
+
+
+def time_case(case: Case, variants, bf16: bool, device: str, opts) -> tuple[Rounds, str]:
     model, batch = case.build()
     model.train()
     runners = {v: make_variant(v[0], model, batch, v[1], v[2], bf16, device) for v in variants}
-    for _ in range(warmup):
+    for _ in range(opts.warmup):
         for run in runners.values():
             run()
     _sync(device)
-    times = {v: [] for v in variants}
-    for _ in range(steps):  # interleaved, so drift hits every variant alike
-        for v, run in runners.items():
-            _sync(device)
-            start = time.perf_counter()
-            run()
-            _sync(device)
-            times[v].append(time.perf_counter() - start)
-    return {v: statistics.median(t) * 1000 for v, t in times.items()}
+    rounds = Rounds(variants, seed=0)
+    stopped = rounds.sample_until(
+        _timer(runners, device),
+        _target_widths,
+        target=opts.target,
+        min_rounds=opts.min_rounds,
+        max_rounds=opts.max_rounds,
+        time_cap_s=opts.time_cap,
+        clock=time.perf_counter,
+    )
+    return rounds, stopped
 
 
 def _status_mib(field: str) -> float:
@@ -263,17 +313,47 @@ def peak_mib(preset: str, index: int, case: Case, variant, bf16: bool, device: s
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
+def _format(iv: Interval | None) -> str:
+    return "" if iv is None else f"{iv.estimate:.3f} [{iv.low:.3f},{iv.high:.3f}]"
+
+
+def _verdicts(v, found: dict) -> dict:
+    out = {}
+    if v[0] == "sam" and (v, "trainer") in found:
+        out[TRAINER_KEY] = found[v, "trainer"].verdict(TRAINER_LIMIT)
+    if (v, "peer") in found:
+        out[PEER_KEY] = found[v, "peer"].verdict(PEER_LIMIT)
+    return out
+
+
+def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--quick", action="store_true", help="The k=1 rows of resnet-small, no memory: ~5 minutes.")
     parser.add_argument("--ks", nargs="+", type=int, default=[1, 3])
     parser.add_argument("--rules", nargs="+", default=["normalized", "projected", "accumulated"])
-    parser.add_argument("--steps", type=int, help="Timed steps per variant (default 15 cpu, 20 gpu).")
+    parser.add_argument("--target", type=float, default=0.01, help="Stop once every half-width is below this.")
+    parser.add_argument("--time_cap", type=float, help="Seconds of timed rounds per model (cpu 600, gpu 70).")
+    parser.add_argument("--min_rounds", type=int, default=10)
+    parser.add_argument("--max_rounds", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, help="Exactly this many rounds (no stopping rule).")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--models", nargs="+", help="Only the models whose name starts with one of these.")
     parser.add_argument("--no_memory", action="store_true", help="Skip the peak-memory measurement.")
     parser.add_argument("--json", help="Write the rows as a JSON list here.")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.ks, args.no_memory = args.models or ["resnet"], [1], True
+        args.time_cap = args.time_cap or 240.0
+    args.time_cap = args.time_cap or (600.0 if args.preset == "cpu" else 70.0)
+    if args.rounds:
+        args.min_rounds = args.max_rounds = args.rounds
+        args.time_cap = float("inf")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     device = "cuda" if args.preset == "gpu" else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         print("error: --preset gpu needs a CUDA device", file=sys.stderr)
@@ -281,49 +361,60 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     bf16 = device == "cuda"
-    steps = args.steps or (15 if device == "cpu" else 20)
     variants = variant_list(args.ks, args.rules)
     if importlib.util.find_spec("pytorch_optimizer") is None:
         print("# pytorch_optimizer is not installed (pip install -e '.[bench]'): no peer rows", file=sys.stderr)
         variants = [v for v in variants if v[0] != "peer"]
     rows = []
-    header = (
-        f"{'model':28} {'variant':7} {'k':>2} {'rule':12} {'ms':>9} {'x floor':>8} {'x trainer':>9} {'peak MiB':>9}"
-    )
     print(
         f"# torch {torch.__version__}, device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, "
-        f"threads {torch.get_num_threads()}, bf16 {bf16}, median of {steps} interleaved steps"
+        f"threads {torch.get_num_threads()}, bf16 {bf16}; ratios: median of per-round ratios [95% bootstrap "
+        f"interval], rounds until every SAM half-width <= {args.target:g} or {args.time_cap:g} s"
+    )
+    header = (
+        f"{'model':28} {'variant':7} {'k':>2} {'rule':11} {'ms':>8} {'x floor [95%]':>21} {'x trainer [95%]':>21} "
+        f"{'x peer [95%]':>21} {'<=1.03 trainer':>14} {'<=1 peer':>12} {'peak MiB':>8}"
     )
     print(header)
     for index, case in enumerate(cases(args.preset, device)):
         if args.models and not case.name.startswith(tuple(args.models)):
             continue
-        medians = time_case(case, variants, steps, args.warmup, bf16, device)
-        floor = {v[1]: medians[v] for v in variants if v[0] == "floor"}
-        # the stock Trainer step plus k more plain passes: what SAMTrainer adds over the Trainer
-        plain = medians[("plain", 0, "-")]
-        trainer_floor = {k: plain + floor[k] - floor[0] for k in floor}
+        rounds, stopped = time_case(case, variants, bf16, device, args)
+        found = ratios(rounds)
         for v in variants:
             kind, k, rule = v
             peak = None if args.no_memory else peak_mib(args.preset, index, case, v, bf16, device)
+            got = {name: found.get((v, name)) for name in ("floor", "trainer", "peer")}
+            verdicts = _verdicts(v, found)
             row = {
                 "model": case.name,
                 "variant": kind,
                 "k": k,
                 "rule": rule,
-                "ms_median": round(medians[v], 3),
-                "ratio_to_floor": round(medians[v] / floor[k], 4) if k in floor else None,
-                "ratio_to_trainer_floor": round(medians[v] / trainer_floor[k], 4) if k in floor else None,
+                "ms_median": round(statistics.median(rounds.times[v]) * 1000, 3),
+                "rounds": len(rounds),
+                "stopped": stopped,
                 "peak_mib": None if peak is None else round(peak, 1),
+                "verdicts": verdicts,
             }
+            for name, key in (
+                ("floor", "ratio_to_floor"),
+                ("trainer", "ratio_to_trainer_floor"),
+                ("peer", "ratio_to_peer"),
+            ):
+                iv = got[name]
+                row[key] = None if iv is None else round(iv.estimate, 4)
+                row[key + "_ci95"] = None if iv is None else iv.as_list()
             rows.append(row)
-            ratio = "" if row["ratio_to_floor"] is None else f"{row['ratio_to_floor']:.3f}"
-            ratio_trainer = "" if row["ratio_to_trainer_floor"] is None else f"{row['ratio_to_trainer_floor']:.3f}"
             print(
-                f"{case.name:28} {kind:7} {k:>2} {rule:12} {row['ms_median']:>9.2f} {ratio:>8} {ratio_trainer:>9} "
-                f"{'' if peak is None else f'{peak:9.1f}'}",
+                f"{case.name:28} {kind:7} {k:>2} {rule:11} {row['ms_median']:>8.2f} {_format(got['floor']):>21} "
+                f"{_format(got['trainer']):>21} {_format(got['peer']):>21} "
+                f"{verdicts.get(TRAINER_KEY, ''):>14} {verdicts.get(PEER_KEY, ''):>12} "
+                f"{'' if peak is None else f'{peak:8.1f}'}",
                 flush=True,
             )
+        widest = max(_target_widths(rounds))
+        print(f"# {case.name}: {len(rounds)} rounds, stopped by the {stopped} (widest SAM half-width {widest:.4f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

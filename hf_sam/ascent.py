@@ -35,6 +35,7 @@ from torch import Tensor
 from .ascent_record import AscentRecord
 from .descents import MeanDescentSum
 from .directions import DirectionTracker
+from .gradient_norm import GradientNorm
 from .guarded import add_scaled_unless_, reset_where_
 from .rules import RULES, project_, step_size
 from .tensors import ShardLayout, global_norm, local
@@ -122,6 +123,8 @@ class MultiStepAscent:
         self._mean: MeanDescentSum | None = None  # "mean": sum of grads at d_1..d_{k-1}
         self._directions: DirectionTracker | None = None  # with track_directions only
         self._in_step = False
+        self._norm = GradientNorm(self._weights, self._weights[0].device)
+        self._steps_done = 0
         self._reset_step_state()
 
     def _reset_step_state(self) -> None:
@@ -199,8 +202,7 @@ class MultiStepAscent:
         if self.adaptive:
             scale = [self._scale[j] for j in idx]
             torch._foreach_mul_(grads, scale)  # u = T g
-        # float64 accumulation: fp32 squares overflow beyond ~1e19 and underflow below ~1e-19
-        norm = global_norm(grads, self._layout, self._layout.flags(idx), dtype=torch.float64)
+        norm = self._norm(grads, self._layout, self._layout.flags(idx))
         moving = self.record.observe(norm)
         if self._mean is not None and i >= 2:
             self._mean.add(idx, grads, skip=self.record.dropped)  # T g under ASAM: divided by T at the fold
@@ -225,7 +227,7 @@ class MultiStepAscent:
         if not self._in_step:
             raise RuntimeError("MultiStepAscent.shift() called outside begin()/restore().")
         torch._foreach_add_(self._weights, [local(o).to(w) for w, o in zip(self._weights, offsets, strict=True)])
-        self.record._moved = torch.ones_like(self.record._moved)
+        self.record.shifted()
         self._shifted = True
         self._reach = math.inf  # unknown: project (and measure) from here on
 
@@ -302,6 +304,16 @@ class MultiStepAscent:
         self._mean = None
         self._directions = None
         self._in_step = False
+        self._steps_done += 1
+        if self._steps_done == 1 and self.steps_taken:
+            self.review_norm_precision()  # once, after the first step: its one host read
+
+    def review_norm_precision(self) -> bool:
+        """Read back (one host read) whether every gradient norm since the last review was in the range
+        where float32 norms are exact (:mod:`hf_sam.gradient_norm`), and take the norms in float32 from
+        now on if so, in float64 if not. The engine does it once after its first step; the Trainer at
+        every logging step; a plain loop may call it now and then. Returns whether norms are float64."""
+        return self._norm.review()
 
     def step(
         self,

@@ -23,19 +23,22 @@ class AscentRecord:
 
     def __init__(self, device: torch.device) -> None:
         self._intact = torch.ones((), dtype=torch.bool, device=device)  # no non-finite norm so far
-        self._moved = torch.zeros((), dtype=torch.bool, device=device)
-        self.zero = torch.zeros((), dtype=torch.bool, device=device)
+        self._moves: list[Tensor] = []
+        self._shifted = False
         self.grad_norms: list[Tensor] = []
 
     def observe(self, norm: Tensor) -> Tensor:
         """Take in one ascent step's gradient norm (>= 0, inf or nan); returns the 0-d flag "move
-        this step". A handful of scalar kernels, no host read."""
+        this step". Four scalar kernels, no host read; the summaries below are formed when asked."""
         self.grad_norms.append(norm)
         self._intact = self._intact & (norm < math.inf)  # false for inf and nan; sticky for later steps
         moving = self._intact & (norm > 0)
-        self._moved = self._moved | moving
-        self.zero = self.zero | (norm == 0)
+        self._moves.append(moving)
         return moving
+
+    def shifted(self) -> None:
+        """The weights were moved by something else than an ascent step (a random start)."""
+        self._shifted = True
 
     @property
     def intact(self) -> Tensor:
@@ -47,4 +50,14 @@ class AscentRecord:
 
     @property
     def moved(self) -> Tensor:
-        return self._moved & self._intact
+        if self._shifted:
+            return self._intact.clone()
+        if not self._moves:
+            return torch.zeros_like(self._intact)
+        return torch.stack(self._moves).any() & self._intact
+
+    @property
+    def zero(self) -> Tensor:
+        if not self.grad_norms:
+            return torch.zeros_like(self._intact)
+        return (torch.stack(self.grad_norms) == 0).any()

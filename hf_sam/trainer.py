@@ -270,6 +270,8 @@ class SAMMixin:
         if self._lookbehind is not None:
             alphas = self._lookbehind.last_alphas
             return {"sam/lookbehind_alpha": float(torch.stack(alphas).mean())} if alphas else {}
+        if self._sam_engine is not None:  # the logs are read back here anyway: review the norms' precision too
+            self._sam_engine.review_norm_precision()
         return self._sam_metrics.read(self.state.global_step, self.accelerator)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

@@ -73,6 +73,8 @@ def test_the_counter_sees_every_kind_of_read():
 
 
 def _engine_step(engine, params, grad_fn, k, poison_at=None):
+    for p in params:
+        p.grad = None  # as optimizer.zero_grad() leaves them
     engine.begin()
     for i in range(1, k + 1):
         for p, g in zip(params, grad_fn(params), strict=True):
@@ -109,6 +111,7 @@ def test_engine_step_reads_nothing_back(rule, descent, adaptive, dtype):
         descent=descent,
         xsam_alpha=0.5,
     )
+    _engine_step(engine, params, _cubic_grads, 3)  # the first step ends with the norms' one review
     with counting_host_reads() as counter:
         at_descent = _engine_step(engine, params, _cubic_grads, 3)
     assert counter.reads == []
@@ -125,6 +128,7 @@ def test_a_dropped_ascent_is_decided_on_the_device(poison_at, rule):
     params = [torch.randn(4, 3, requires_grad=True), torch.randn(5, requires_grad=True)]
     w = [p.detach().clone() for p in params]
     engine = MultiStepAscent(params, ascent_steps=3, rho=0.1, ascent_rule=rule, descent="mean")
+    _engine_step(engine, params, _cubic_grads, 3)
     with counting_host_reads() as counter:
         at_descent = _engine_step(engine, params, _cubic_grads, 3, poison_at=poison_at)
     assert counter.reads == []
@@ -141,8 +145,11 @@ def test_plain_loop_step_reads_nothing_back():
     x, y = batch_of(make_data(8))
     engine = MultiStepAscent(model.parameters(), ascent_steps=3, rho=0.1)
     with counting_host_reads() as counter:
-        engine.step(lambda: model(x, y)["loss"])
-    assert counter.reads == []
+        for _ in range(5):
+            engine.step(lambda: model(x, y)["loss"])
+    # one read in five steps: after the first, whether the norms may be taken in float32
+    assert counter.reads == ["tolist"]
+    assert not engine._norm.exact
 
 
 @pytest.mark.parametrize(
@@ -173,3 +180,30 @@ def test_trainer_step_adds_no_read_to_the_stock_step(tmp_path, options):
             trainer.training_step(model, {"x": x, "labels": y})
         reads[k] = counter.reads
     assert reads[3] == reads[0], reads
+
+
+def test_norm_precision_follows_the_reviews():
+    # float64 until a review saw the norms in range; float32 then, which overflows at 1e20 and so
+    # drops that ascent (finite weights, counted); the next review goes back to float64, exact again
+    params = [torch.zeros(3, requires_grad=True)]
+    engine = MultiStepAscent(params, ascent_steps=1, rho=0.1)
+    huge = [torch.full((3,), 1e20)]
+
+    def step(grads):
+        _engine_step(engine, params, lambda ps: [g.clone() for g in grads], 1)
+        return params[0].grad.clone(), engine.skipped
+
+    assert engine._norm.exact
+    step([torch.ones(3)])  # the first step's review: in range
+    assert not engine._norm.exact
+    _, skipped = step(huge)
+    assert skipped, "float32 squares of 1e20 overflow: the ascent is dropped, not taken with a wrong norm"
+    assert engine.review_norm_precision(), "an out-of-range norm since the last review: back to float64"
+    engine.begin()
+    params[0].grad = huge[0].clone()
+    engine.ascend()
+    moved = params[0].detach().clone()
+    engine.begin_descent()
+    engine.restore()
+    assert not engine.skipped
+    torch.testing.assert_close(moved, torch.full((3,), 0.1 / 3**0.5))  # rho g/||g||, exact in float64
