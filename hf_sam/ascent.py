@@ -6,10 +6,10 @@ accelerate loop. One training step with k ascent steps is driven as::
     engine.begin()                    # snapshot w, set aside accumulated grads
     for i in range(k):
         loss_fn().backward()          # gradient at w + d_{i-1} lands in p.grad
-        if not engine.ascend():       # move to w + d_i, clear p.grad
-            break                     # non-finite gradient: back at w, stop ascending
-    scale = engine.begin_descent()    # grads back in place (plus the "mean" sum)
+        engine.ascend()               # move to w + d_i (unless non-finite), clear p.grad
+    scale = engine.begin_descent()    # grads back in place (plus the "mean" sum); w after a drop
     (loss_fn() * scale).backward()    # descent gradient is *added* to p.grad
+    engine.end_descent()              # XSAM's combination, direction diagnostics
     engine.restore()                  # weights copied back from the snapshot
 
 or all at once with :meth:`MultiStepAscent.step`. The hot path uses foreach kernels (a
@@ -124,6 +124,7 @@ class MultiStepAscent:
         self._directions: DirectionTracker | None = None  # with track_directions only
         self._in_step = False
         self._norm = GradientNorm(self._weights, self._weights[0].device)
+        self._step_size_t = torch.tensor(self.step_size, dtype=torch.float64, device=self._weights[0].device)
         self._steps_done = 0
         self._reset_step_state()
 
@@ -209,7 +210,7 @@ class MultiStepAscent:
         if self.adaptive:
             torch._foreach_mul_(grads, scale)  # T^2 g
         # a / ||g|| is inf or nan only when the step is skipped, and then the kernel does not read it
-        add_scaled_unless_(weights, grads, self.step_size / norm, ~moving)
+        add_scaled_unless_(weights, grads, torch.div(self._step_size_t, norm), ~moving)
         self._reach += self.step_size  # each step has length step_size (or 0) in the rule's norm
         if self.ascent_rule == "projected" and self._reach > self.rho:
             # the consumed gradients are free: d = p - w is formed in them, not in new memory
@@ -243,16 +244,18 @@ class MultiStepAscent:
             raise RuntimeError("MultiStepAscent.begin_descent() called outside begin()/restore().")
         for p in self.params:
             p.grad = None  # an ascent pass without a following ascend() leaves nothing behind
-        dropped = self.record.dropped
         if self.steps_taken >= 2 or self._shifted:  # a drop after a move: back to w, decided on the device
+            dropped = self.record.dropped
             reset_where_(self._weights, self._backup, dropped)
-        if self.perturbation_norm is not None:
-            norm = self.perturbation_norm
-            self.perturbation_norm = torch.where(dropped, torch.zeros_like(norm), norm)
+            if self.perturbation_norm is not None:  # a projection before the drop measured a move
+                norm = self.perturbation_norm
+                self.perturbation_norm = torch.where(dropped, torch.zeros_like(norm), norm)
+        # (one step, no shift: a dropped step did not move, and its measured norm is 0 already)
         if self._directions is not None:
             self._directions.before_descent_backward(self._held)
         factor: float | Tensor = 1.0
         if self._mean is not None and self.steps_taken == self.ascent_steps:
+            dropped = self.record.dropped
             one = torch.ones((), dtype=torch.float64, device=dropped.device)
             factor = torch.where(dropped, one, one / self.ascent_steps)
             self._mean.fold_into(self._held, self.params, factor, skip=dropped, divide_by=self._scale)

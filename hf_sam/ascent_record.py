@@ -22,16 +22,18 @@ class AscentRecord:
     """
 
     def __init__(self, device: torch.device) -> None:
-        self._intact = torch.ones((), dtype=torch.bool, device=device)  # no non-finite norm so far
+        self._device = device
+        self._intact: Tensor | None = None  # no non-finite norm so far (None: no step yet)
         self._moves: list[Tensor] = []
         self._shifted = False
         self.grad_norms: list[Tensor] = []
 
     def observe(self, norm: Tensor) -> Tensor:
         """Take in one ascent step's gradient norm (>= 0, inf or nan); returns the 0-d flag "move
-        this step". Four scalar kernels, no host read; the summaries below are formed when asked."""
+        this step". A few scalar kernels, no host read; the summaries below are formed when asked."""
         self.grad_norms.append(norm)
-        self._intact = self._intact & (norm < math.inf)  # false for inf and nan; sticky for later steps
+        finite = norm < math.inf  # false for inf and nan
+        self._intact = finite if self._intact is None else self._intact & finite  # sticky for later steps
         moving = self._intact & (norm > 0)
         self._moves.append(moving)
         return moving
@@ -42,22 +44,24 @@ class AscentRecord:
 
     @property
     def intact(self) -> Tensor:
-        return self._intact
+        return torch.ones((), dtype=torch.bool, device=self._device) if self._intact is None else self._intact
 
     @property
     def dropped(self) -> Tensor:
-        return ~self._intact
+        return ~self.intact
 
     @property
     def moved(self) -> Tensor:
         if self._shifted:
-            return self._intact.clone()
+            return self.intact.clone()
+        if len(self._moves) == 1:  # its own step's flag already includes the (final) intact one
+            return self._moves[0]
         if not self._moves:
-            return torch.zeros_like(self._intact)
+            return torch.zeros((), dtype=torch.bool, device=self._device)
         return torch.stack(self._moves).any() & self._intact
 
     @property
     def zero(self) -> Tensor:
         if not self.grad_norms:
-            return torch.zeros_like(self._intact)
+            return torch.zeros((), dtype=torch.bool, device=self._device)
         return (torch.stack(self.grad_norms) == 0).any()

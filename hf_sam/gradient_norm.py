@@ -29,23 +29,30 @@ class GradientNorm:
         # float32 norms of 16-bit gradients: accumulate in float32, not in the gradients' dtype
         self._fast_dtype = None if all(t.dtype in _EXACT_SQUARES for t in tensors) else torch.float32
         self._device = device
-        self._low: Tensor | None = None  # the smallest and largest norm since the last review
-        self._high: Tensor | None = None
+        self._seen: list[Tensor] = []  # the norms since the last review (0-d tensors, no kernel to keep)
+        self._bounds: Tensor | None = None  # [min, max] of the norms folded out of _seen
 
     def __call__(self, grads: list[Tensor], layout: ShardLayout, flags: list[bool] | None) -> Tensor:
         norm = global_norm(grads, layout, flags, dtype=torch.float64 if self.exact else self._fast_dtype)
         norm = norm.to(self._device)
-        # a nan propagates through both, and fails the review
-        self._low = norm if self._low is None else torch.minimum(self._low, norm)
-        self._high = norm if self._high is None else torch.maximum(self._high, norm)
+        self._seen.append(norm)
+        if len(self._seen) >= 1024:  # a loop that never reviews: keep only the bounds
+            self._fold()
         return norm
+
+    def _fold(self) -> None:
+        norms = torch.stack(self._seen if self._bounds is None else [*self._bounds, *self._seen])
+        # a nan propagates through both, and fails the review
+        self._bounds = torch.stack([norms.min(), norms.max()])
+        self._seen = []
 
     def review(self) -> bool:
         """One host read: float32 norms from now on if every norm since the last review was in the
         safe range, float64 if not. Returns whether the norms are now float64."""
-        if self._low is not None:
+        if self._seen or self._bounds is not None:
+            self._fold()
             low, high = SAFE_RANGE
-            bounds = torch.stack([self._low, self._high]).tolist()
-            self.exact = not (low <= bounds[0] and bounds[1] <= high)
-        self._low = self._high = None
+            smallest, largest = self._bounds.tolist()
+            self.exact = not (low <= smallest and largest <= high)
+        self._bounds = None
         return self.exact

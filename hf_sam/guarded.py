@@ -20,15 +20,17 @@ _F32_MAX = torch.finfo(torch.float32).max
 def add_scaled_unless_(targets: Sequence[Tensor], sources: Sequence[Tensor], scale: Tensor, skip: Tensor) -> None:
     """``targets += scale * sources`` unless the 0-d bool ``skip`` is set, in which case nothing is
     written (so non-finite ``sources`` never reach ``targets``). ``scale``: a 0-d float tensor."""
+    found_inf = skip.to(torch.float32)  # the kernel reads the flag as a float
+    # the kernel pairs elements by memory order (on the CPU it does not check layouts): contiguous
+    # pairs of one dtype and device go to it; anything else is masked tensor by tensor (rare)
     fused: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
     for t, s in zip(targets, sources, strict=True):
         if t.is_contiguous() and s.is_contiguous() and s.dtype == t.dtype and s.device == t.device:
             pair = fused.setdefault((t.device, t.dtype), ([], []))
             pair[0].append(t)
             pair[1].append(s)
-        else:  # the fused kernel needs matching dense layouts: this tensor alone, masked (rare)
+        else:
             t.add_(torch.where(skip, torch.zeros((), dtype=t.dtype, device=t.device), s * scale.to(t.dtype)))
-    found_inf = skip.to(torch.float32)  # the kernel reads the flag as a float
     for (device, dtype), (ts, ss) in fused.items():
         torch._fused_sgd_(
             ts,

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from .ascent import MultiStepAscent
+from .ascent_record import AscentRecord
 
 logger = logging.getLogger(__name__)
 
@@ -25,17 +26,28 @@ class SAMStepMetrics:
         self.diagnostics = diagnostics
         self._skipped: torch.Tensor | int = 0  # totals over the whole run, summed on the device
         self._zero_gradient: torch.Tensor | int = 0
+        self._pending: list[AscentRecord] = []  # records not yet added to the totals
         self._skipped_warned = 0
         self.last_logged_step = 0
         self._reset()
 
     @property
     def skipped_ascents(self) -> int:
+        self._fold()
         return int(self._skipped)  # reads the device
 
     @property
     def zero_gradient_ascents(self) -> int:
+        self._fold()
         return int(self._zero_gradient)
+
+    def _fold(self) -> None:
+        """Add the pending records to the totals: their kernels run here, not in every step."""
+        if not self._pending:
+            return
+        records, self._pending = self._pending, []
+        self._skipped = self._skipped + torch.stack([r.dropped for r in records]).sum()
+        self._zero_gradient = self._zero_gradient + torch.stack([r.zero & ~r.moved for r in records]).sum()
 
     def _reset(self) -> None:
         self._sums: dict[str, torch.Tensor | float] = {}
@@ -69,8 +81,9 @@ class SAMStepMetrics:
             self._sums[key] = self._sums.get(key, 0.0) + value
             self._counts[key] = self._counts.get(key, 0) + 1
         self._micro_batches += 1
-        self._skipped = self._skipped + ascent.dropped.long()
-        self._zero_gradient = self._zero_gradient + (ascent.zero & ~ascent.moved).long()
+        self._pending.append(ascent)
+        if len(self._pending) >= 1024:  # logging steps far apart: keep the memory bounded
+            self._fold()
 
     @staticmethod
     def _diagnostic_values(

@@ -48,3 +48,19 @@ def test_profile_step_splits_a_step():
     assert "(2 per step)" in lines["extra"]
     assert "(2 per step)" in lines["ascend"]
     assert {"begin", "restore", "clean"} <= set(lines)
+
+
+def test_compare_versions_against_this_checkout():
+    # the same code on both sides: the ratio is printed with its interval, and the run stops at once
+    result = subprocess.run(
+        [sys.executable, "benchmarks/compare_versions.py", "--baseline", str(ROOT), "--target", "1.0"],
+        cwd=ROOT,
+        env=ENV,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    line = next(line for line in result.stdout.splitlines() if "this / baseline" in line)
+    estimate, low, high = (float(x.strip("[],")) for x in line.split()[-3:])
+    assert low <= estimate <= high and 0.8 < estimate < 1.25
+    assert "10 rounds, stopped by the interval" in result.stdout
