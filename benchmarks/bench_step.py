@@ -333,7 +333,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--ks", nargs="+", type=int, default=[1, 3])
     parser.add_argument("--rules", nargs="+", default=["normalized", "projected", "accumulated"])
     parser.add_argument("--target", type=float, default=0.01, help="Stop once every half-width is below this.")
-    parser.add_argument("--time_cap", type=float, help="Seconds of timed rounds per model (cpu 600, gpu 70).")
+    parser.add_argument("--time_cap", type=float, help="Seconds of timed rounds per model (cpu 600, gpu 45).")
     parser.add_argument("--min_rounds", type=int, default=10)
     parser.add_argument("--max_rounds", type=int, default=5000)
     parser.add_argument("--rounds", type=int, help="Exactly this many rounds (no stopping rule).")
@@ -345,7 +345,7 @@ def parse_args(argv: list[str] | None):
     if args.quick:
         args.models, args.ks, args.no_memory = args.models or ["resnet"], [1], True
         args.time_cap = args.time_cap or 240.0
-    args.time_cap = args.time_cap or (600.0 if args.preset == "cpu" else 70.0)
+    args.time_cap = args.time_cap or (600.0 if args.preset == "cpu" else 45.0)
     if args.rounds:
         args.min_rounds = args.max_rounds = args.rounds
         args.time_cap = float("inf")

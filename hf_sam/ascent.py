@@ -33,13 +33,13 @@ import torch
 from torch import Tensor
 
 from .ascent_record import AscentRecord
-from .descents import MeanDescentSum
+from .descents import LastDescent, MeanDescent
 from .directions import DirectionTracker
 from .gradient_norm import GradientNorm
 from .guarded import add_scaled_unless_, reset_where_
 from .rules import RULES, project_, step_size
 from .tensors import ShardLayout, global_norm, local
-from .xsam import best_alpha, descend_along_slerp
+from .xsam import XSAMDescent
 
 _DESCENTS = ("last", "mean", "xsam")
 
@@ -111,16 +111,19 @@ class MultiStepAscent:
         self.adaptive = bool(adaptive)
         self.adaptive_eta = float(adaptive_eta)
         self.descent = descent
+        self.descent_rule: LastDescent = (
+            XSAMDescent(xsam_alpha, 2 * self.rho if xsam_rho_max is None else xsam_rho_max)
+            if descent == "xsam"
+            else MeanDescent()
+            if descent == "mean"
+            else LastDescent()
+        )
         self.track_directions = bool(track_directions)
-        self.xsam_alpha = float(xsam_alpha)
-        self.xsam_rho_max = 2 * self.rho if xsam_rho_max is None else float(xsam_rho_max)
-        self.xsam_angle: Tensor | None = None  # phi of the last XSAM descent, in degrees
         self.step_size = step_size(ascent_rule, self.rho, self.ascent_steps, self.step_mult)
         self._weights: list[Tensor] = self._layout.locals(self.params)  # local shards under FSDP2
         self._backup: list[Tensor] | None = None  # the one fp32 copy of the weights, reused every step
-        self._held: list[Tensor | None] | None = None  # accumulated grads set aside during the ascent
+        self.held_grads: list[Tensor | None] | None = None  # accumulated grads set aside during the ascent
         self._scale: list[Tensor] | None = None  # ASAM's T, for this step only
-        self._mean: MeanDescentSum | None = None  # "mean": sum of grads at d_1..d_{k-1}
         self._directions: DirectionTracker | None = None  # with track_directions only
         self._in_step = False
         self._norm = GradientNorm(self._weights, self._weights[0].device)
@@ -137,6 +140,24 @@ class MultiStepAscent:
         self.perturbation_norm: Tensor | None = None
         self.successive_cosines: list[Tensor] = []  # with track_directions only
         self.descent_cosine: Tensor | None = None
+
+    # what the descents read (hf_sam.descents, hf_sam.xsam)
+    weights = property(lambda self: self._weights, doc="The trainable tensors (local shards under FSDP2).")
+    backup = property(lambda self: self._backup, doc="The snapshot of w taken by begin().")
+    layout = property(lambda self: self._layout, doc="Which tensors are shards.")
+    asam_scale = property(lambda self: self._scale, doc="ASAM's T = |w| + eta for this step (None without ASAM).")
+
+    @property
+    def xsam_alpha(self) -> float | None:
+        return getattr(self.descent_rule, "alpha", None)
+
+    @xsam_alpha.setter
+    def xsam_alpha(self, value: float) -> None:
+        self.descent_rule.alpha = float(value)
+
+    @property
+    def xsam_angle(self) -> Tensor | None:
+        return getattr(self.descent_rule, "angle", None)
 
     # host reads of the record (each waits for the device)
     @property
@@ -167,14 +188,14 @@ class MultiStepAscent:
             self._backup = [w.detach().clone() for w in self._weights]
         else:
             torch._foreach_copy_(self._backup, self._weights)
-        self._held = [p.grad for p in self.params]
+        self.held_grads = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
         if self.adaptive:
             self._scale = torch._foreach_abs(self._backup)
             torch._foreach_add_(self._scale, self.adaptive_eta)
         self._reset_step_state()
-        self._mean = MeanDescentSum(len(self.params)) if self.descent == "mean" else None
+        self.descent_rule.begin(len(self.params))
         self._directions = DirectionTracker(self._weights, self._layout) if self.track_directions else None
         self._in_step = True
 
@@ -205,8 +226,7 @@ class MultiStepAscent:
             torch._foreach_mul_(grads, scale)  # u = T g
         norm = self._norm(grads, self._layout, self._layout.flags(idx))
         moving = self.record.observe(norm)
-        if self._mean is not None and i >= 2:
-            self._mean.add(idx, grads, skip=self.record.dropped)  # T g under ASAM: divided by T at the fold
+        self.descent_rule.ascent_gradient(i, idx, grads, self.record)
         if self.adaptive:
             torch._foreach_mul_(grads, scale)  # T^2 g
         # a / ||g|| is inf or nan only when the step is skipped, and then the kernel does not read it
@@ -252,35 +272,19 @@ class MultiStepAscent:
                 self.perturbation_norm = torch.where(dropped, torch.zeros_like(norm), norm)
         # (one step, no shift: a dropped step did not move, and its measured norm is 0 already)
         if self._directions is not None:
-            self._directions.before_descent_backward(self._held)
-        factor: float | Tensor = 1.0
-        if self._mean is not None and self.steps_taken == self.ascent_steps:
-            dropped = self.record.dropped
-            one = torch.ones((), dtype=torch.float64, device=dropped.device)
-            factor = torch.where(dropped, one, one / self.ascent_steps)
-            self._mean.fold_into(self._held, self.params, factor, skip=dropped, divide_by=self._scale)
-        self._mean = None
-        if self.descent != "xsam":  # XSAM needs g_k alone: the accumulated grads return in end_descent()
-            self._return_held_grads()
-        return factor
+            self._directions.before_descent_backward(self.held_grads)
+        return self.descent_rule.before_backward(self)
 
     @torch.no_grad()
     def choose_xsam_alpha(self, loss_at: Callable[[], Tensor | float], alphas: list[float]) -> float:
-        """XSAM's dynamic alpha: after the descent backward (g_k in p.grad, weights at w + d_k),
-        evaluate ``loss_at()`` at w + xsam_rho_max * u(alpha) for each alpha and keep the largest loss's."""
-        pairs = zip(self.params, self._weights, strict=True)
-        grads = [torch.zeros_like(w) if p.grad is None else local(p.grad) for p, w in pairs]
-        self.xsam_alpha = best_alpha(
-            self._weights, self._backup, grads, self._layout, self.xsam_rho_max, alphas, loss_at
-        )
-        return self.xsam_alpha
+        """XSAM's dynamic alpha (after the descent backward): :meth:`hf_sam.xsam.XSAMDescent.choose_alpha`."""
+        return self.descent_rule.choose_alpha(self, loss_at, alphas)
 
     @torch.no_grad()
     def end_descent(self) -> None:
-        """After the descent backward: XSAM's combination; with track_directions, cos(first ascent
-        gradient, descent gradient)."""
-        if self.descent == "xsam" and self._held is not None:
-            self._xsam_combine()
+        """After the descent backward: the descent's own last word (XSAM's combination); with
+        track_directions, cos(first ascent gradient, descent gradient)."""
+        self.descent_rule.after_backward(self)
         if self._directions is not None:
             self.descent_cosine = self._directions.descent_cosine([p.grad for p in self.params])
             self._directions = None
@@ -299,12 +303,11 @@ class MultiStepAscent:
             self.perturbation_norm = global_norm(self._weights, self._layout, self._layout.flags())
             self._measure_on_restore = False
         torch._foreach_copy_(self._weights, self._backup)
-        if self._held is not None:  # an error struck before begin_descent(): undo the set-aside
+        if self.held_grads is not None:  # an error struck before begin_descent(): undo the set-aside
             for p in self.params:
                 p.grad = None
-            self._return_held_grads()
+            self.return_held_grads()
         self._scale = None
-        self._mean = None
         self._directions = None
         self._in_step = False
         self._steps_done += 1
@@ -347,25 +350,11 @@ class MultiStepAscent:
         return clean
 
     # ----------------------------------------------------------------------- helpers
-    def _xsam_combine(self) -> None:
-        """p.grad <- held + ||g_k|| u(alpha), from g_k alone in p.grad and d_k = p - w."""
-        for p in self.params:
-            if p.grad is None:  # a tensor the descent did not reach has g = 0
-                p.grad = torch.zeros_like(p)
-        grads = [local(p.grad) for p in self.params]
-        self.xsam_angle = descend_along_slerp(self._weights, self._backup, grads, self._layout, self.xsam_alpha)
-        onto = [(local(h), g) for h, g in zip(self._held, grads, strict=True) if h is not None]
-        if onto:  # the accumulated gradients of earlier micro-batches, as autograd would add them
-            torch._foreach_add_([h for h, _ in onto], [g for _, g in onto])
-        for j, p in enumerate(self.params):
-            if self._held[j] is not None:
-                p.grad = self._held[j]
-        self._held = None
-
-    def _return_held_grads(self) -> None:
-        for p, g in zip(self.params, self._held, strict=True):
+    def return_held_grads(self) -> None:
+        """Put the gradients set aside by begin() back in p.grad."""
+        for p, g in zip(self.params, self.held_grads, strict=True):
             p.grad = g
-        self._held = None
+        self.held_grads = None
 
     def _measure_perturbation(self) -> None:
         if self.steps_taken == 1 and not self._shifted:

@@ -1,17 +1,30 @@
-"""The "mean" descent: the mean of the gradients at w + d_1 .. w + d_k instead of the last one.
+"""The descents: which gradient the descent step takes, as small objects the engine calls.
 
-The gradients at d_1 .. d_{k-1} are summed here during the ascent; at the descent, (1/k) times the
-sum is added to the gradients already accumulated (other micro-batches), and the descent loss is
-scaled by 1/k, so that p.grad ends with held + (1/k) * (g_1 + ... + g_k).
+- :class:`LastDescent` (SAM): the gradient at w + d_k.
+- :class:`MeanDescent`: the mean of the gradients at w + d_1 .. w + d_k. The gradients at d_1 ..
+  d_{k-1} are summed during the ascent; at the descent (1/k) times the sum is added to the gradients
+  already accumulated (other micro-batches) and the descent loss is scaled by 1/k, so that p.grad
+  ends with held + (1/k) * (g_1 + ... + g_k).
+- ``XSAMDescent`` (:mod:`hf_sam.xsam`): ||g_k|| u(alpha) between d_k and g_k.
+
+Each is driven by :class:`~hf_sam.ascent.MultiStepAscent` through four hooks: ``begin`` (a new step),
+``ascent_gradient`` (each ascent step's gradient, T g under ASAM), ``before_backward`` (returns the
+descent loss's factor) and ``after_backward``.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .guarded import add_scaled_unless_
 from .tensors import grad_like, local
+
+if TYPE_CHECKING:
+    from .ascent import MultiStepAscent
+    from .ascent_record import AscentRecord
 
 
 class MeanDescentSum:
@@ -57,3 +70,50 @@ class MeanDescentSum:
             torch._foreach_mul_([s for _, s in alone], kept)
             for j, s in alone:
                 held[j] = grad_like(params[j], s)
+
+
+class LastDescent:
+    """SAM's descent: the gradient at w + d_k, added to the gradients already accumulated."""
+
+    name = "last"
+
+    def begin(self, size: int) -> None:
+        """A new training step over ``size`` trainable tensors."""
+
+    def ascent_gradient(self, step: int, idx: list[int], grads: list[Tensor], record: AscentRecord) -> None:
+        """The gradient of ascent step ``step`` (tensors ``idx``); ``record``: what the ascent did so far."""
+
+    def before_backward(self, engine: MultiStepAscent) -> float | Tensor:
+        """Before the descent backward; returns the factor for the descent loss."""
+        engine.return_held_grads()
+        return 1.0
+
+    def after_backward(self, engine: MultiStepAscent) -> None:
+        """After the descent backward (the descent gradient is in p.grad)."""
+
+
+class MeanDescent(LastDescent):
+    """The mean of the gradients at w + d_1 .. w + d_k (a dropped ascent: the plain gradient at w)."""
+
+    name = "mean"
+
+    def __init__(self) -> None:
+        self._sum: MeanDescentSum | None = None
+
+    def begin(self, size: int) -> None:
+        self._sum = MeanDescentSum(size)
+
+    def ascent_gradient(self, step: int, idx: list[int], grads: list[Tensor], record: AscentRecord) -> None:
+        if step >= 2:  # the gradient at d_{step-1}; T g under ASAM, divided by T at the fold
+            self._sum.add(idx, grads, skip=record.dropped)
+
+    def before_backward(self, engine: MultiStepAscent) -> float | Tensor:
+        factor: float | Tensor = 1.0
+        if self._sum is not None and engine.steps_taken == engine.ascent_steps:
+            dropped = engine.record.dropped
+            one = torch.ones((), dtype=torch.float64, device=dropped.device)
+            factor = torch.where(dropped, one, one / engine.ascent_steps)
+            self._sum.fold_into(engine.held_grads, engine.params, factor, skip=dropped, divide_by=engine.asam_scale)
+        self._sum = None
+        engine.return_held_grads()
+        return factor

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .tensors import ShardLayout, global_dot, global_norm
+from .descents import LastDescent
+from .tensors import ShardLayout, global_dot, global_norm, local
+
+if TYPE_CHECKING:
+    from .ascent import MultiStepAscent
 
 ALPHA_GRID_STEP = 0.1
 
@@ -110,3 +115,44 @@ def best_alpha(
     torch._foreach_copy_(weights, backup)
     torch._foreach_add_(weights, d)
     return float(alphas[int(torch.stack(losses).argmax())])  # one host read per choice
+
+
+class XSAMDescent(LastDescent):
+    """XSAM's descent: p.grad <- held + ||g_k|| u(alpha), from g_k alone in p.grad and d_k = p - w."""
+
+    name = "xsam"
+
+    def __init__(self, alpha: float, rho_max: float) -> None:
+        self.alpha = float(alpha)  # fixed, or set between steps by the dynamic choice
+        self.rho_max = float(rho_max)
+        self.angle: Tensor | None = None  # phi of the last descent, in degrees
+
+    def before_backward(self, engine: MultiStepAscent) -> float:
+        return 1.0  # the accumulated gradients stay aside: the combination needs g_k alone
+
+    def after_backward(self, engine: MultiStepAscent) -> None:
+        held = engine.held_grads
+        if held is None:
+            return
+        for p in engine.params:
+            if p.grad is None:  # a tensor the descent did not reach has g = 0
+                p.grad = torch.zeros_like(p)
+        grads = [local(p.grad) for p in engine.params]
+        self.angle = descend_along_slerp(engine.weights, engine.backup, grads, engine.layout, self.alpha)
+        onto = [(local(h), g) for h, g in zip(held, grads, strict=True) if h is not None]
+        if onto:  # the accumulated gradients of earlier micro-batches, as autograd would add them
+            torch._foreach_add_([h for h, _ in onto], [g for _, g in onto])
+        for p, h in zip(engine.params, held, strict=True):
+            if h is not None:
+                p.grad = h
+        engine.held_grads = None
+
+    def choose_alpha(
+        self, engine: MultiStepAscent, loss_at: Callable[[], Tensor | float], alphas: list[float]
+    ) -> float:
+        """The dynamic alpha: after the descent backward (g_k in p.grad, weights at w + d_k), the alpha
+        whose point w + rho_max u(alpha) has the largest ``loss_at()``."""
+        pairs = zip(engine.params, engine.weights, strict=True)
+        grads = [torch.zeros_like(w) if p.grad is None else local(p.grad) for p, w in pairs]
+        self.alpha = best_alpha(engine.weights, engine.backup, grads, engine.layout, self.rho_max, alphas, loss_at)
+        return self.alpha
