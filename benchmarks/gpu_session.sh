@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one prepared run for a lent GPU: the bf16/fp16 check, the GPU benchmark, the profile of one
-# step and the FSDP2 check, each under its own time limit so one slow part cannot eat the others; outputs under $OUT.
+# The one prepared run for a lent GPU: the bf16/fp16 check, the sync check, the GPU benchmark, the
+# profile of one step and the FSDP2 check, each under its own time limit so one slow part cannot eat the others; outputs under $OUT.
 #
 # Needs only torch and transformers there (hf_sam runs from the checkout). The peer comes as a wheel;
 # once, here, in the repo's root:
@@ -22,9 +22,12 @@ fi
     python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
 } >"$out/versions.txt" 2>&1
 cat "$out/versions.txt"
-timeout 120 python3 benchmarks/gpu_check.py 2>&1 | tee "$out/gpu_check.txt"
-timeout 300 python3 benchmarks/bench_step.py --preset gpu --json "$out/gpu_results.json" 2>&1 | tee "$out/gpu_bench.txt"
-timeout 90 python3 benchmarks/profile_step.py --preset gpu --model bert-base --k 1 --steps 20 --torch_profiler 2>&1 |
+timeout 90 python3 benchmarks/gpu_check.py 2>&1 | tee "$out/gpu_check.txt"
+# no host sync inside a SAM step, under CUDA's sync debug mode
+timeout 60 python3 benchmarks/gpu_sync_check.py 2>&1 | tee "$out/gpu_sync_check.txt"
+# intervals: 45 s of rounds per model (--time_cap), BERT-base, ViT-base, ResNet-50 in bf16
+timeout 230 python3 benchmarks/bench_step.py --preset gpu --json "$out/gpu_results.json" 2>&1 | tee "$out/gpu_bench.txt"
+timeout 50 python3 benchmarks/profile_step.py --preset gpu --model bert-base --k 1 --steps 20 --torch_profiler 2>&1 |
     tee "$out/gpu_profile.txt"
 # FSDP2 through the Trainer against the same run without FSDP (one GPU, torchrun with one process)
-timeout 150 python3 benchmarks/gpu_fsdp_check.py 2>&1 | tee "$out/gpu_fsdp_check.txt"
+timeout 100 python3 benchmarks/gpu_fsdp_check.py 2>&1 | tee "$out/gpu_fsdp_check.txt"

@@ -36,7 +36,7 @@ from .ascent_record import AscentRecord
 from .descents import LastDescent, MeanDescent
 from .directions import DirectionTracker
 from .gradient_norm import GradientNorm
-from .guarded import add_scaled_unless_, reset_where_
+from .guarded import add_scaled_unless_, reset_where_, uniform
 from .rules import RULES, project_, step_size
 from .tensors import ShardLayout, global_norm, local
 from .xsam import XSAMDescent
@@ -127,6 +127,7 @@ class MultiStepAscent:
         self._directions: DirectionTracker | None = None  # with track_directions only
         self._in_step = False
         self._norm = GradientNorm(self._weights, self._weights[0].device)
+        self._uniform = uniform(self._weights)  # the weights' layouts do not change (FSDP2 views alike)
         self._step_size_t = torch.tensor(self.step_size, dtype=torch.float64, device=self._weights[0].device)
         self._steps_done = 0
         self._reset_step_state()
@@ -230,7 +231,7 @@ class MultiStepAscent:
         if self.adaptive:
             torch._foreach_mul_(grads, scale)  # T^2 g
         # a / ||g|| is inf or nan only when the step is skipped, and then the kernel does not read it
-        add_scaled_unless_(weights, grads, torch.div(self._step_size_t, norm), ~moving)
+        add_scaled_unless_(weights, grads, torch.div(self._step_size_t, norm), ~moving, self._uniform)
         self._reach += self.step_size  # each step has length step_size (or 0) in the rule's norm
         if self.ascent_rule == "projected" and self._reach > self.rho:
             # the consumed gradients are free: d = p - w is formed in them, not in new memory

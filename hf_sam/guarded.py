@@ -17,10 +17,23 @@ from torch import Tensor
 _F32_MAX = torch.finfo(torch.float32).max
 
 
-def add_scaled_unless_(targets: Sequence[Tensor], sources: Sequence[Tensor], scale: Tensor, skip: Tensor) -> None:
+def uniform(tensors: Sequence[Tensor]) -> bool:
+    """All contiguous, on one device, of one dtype: what one fused call takes (check once, reuse)."""
+    first = tensors[0]
+    return all(t.is_contiguous() and t.dtype == first.dtype and t.device == first.device for t in tensors)
+
+
+def add_scaled_unless_(
+    targets: Sequence[Tensor], sources: Sequence[Tensor], scale: Tensor, skip: Tensor, targets_uniform: bool = False
+) -> None:
     """``targets += scale * sources`` unless the 0-d bool ``skip`` is set, in which case nothing is
-    written (so non-finite ``sources`` never reach ``targets``). ``scale``: a 0-d float tensor."""
+    written (so non-finite ``sources`` never reach ``targets``). ``scale``: a 0-d float tensor.
+    ``targets_uniform``: the caller knows :func:`uniform` holds for ``targets`` (the usual weights),
+    so only the sources' layouts are checked (gradients share their parameter's dtype and device)."""
     found_inf = skip.to(torch.float32)  # the kernel reads the flag as a float
+    if targets_uniform and all(s.is_contiguous() for s in sources):
+        _fused_add(list(targets), list(sources), scale, found_inf)
+        return
     # the kernel pairs elements by memory order (on the CPU it does not check layouts): contiguous
     # pairs of one dtype and device go to it; anything else is masked tensor by tensor (rare)
     fused: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
@@ -31,20 +44,26 @@ def add_scaled_unless_(targets: Sequence[Tensor], sources: Sequence[Tensor], sca
             pair[1].append(s)
         else:
             t.add_(torch.where(skip, torch.zeros((), dtype=t.dtype, device=t.device), s * scale.to(t.dtype)))
-    for (device, dtype), (ts, ss) in fused.items():
-        torch._fused_sgd_(
-            ts,
-            ss,
-            [],
-            weight_decay=0.0,
-            momentum=0.0,
-            lr=_learning_rate(scale, device, dtype),
-            dampening=0.0,
-            nesterov=False,
-            maximize=True,  # p -= lr * (-g)
-            is_first_step=False,
-            found_inf=found_inf.to(device),
-        )
+    for ts, ss in fused.values():
+        _fused_add(ts, ss, scale, found_inf)
+
+
+def _fused_add(targets: list[Tensor], sources: list[Tensor], scale: Tensor, found_inf: Tensor) -> None:
+    """One fused call on contiguous pairs of one dtype and device."""
+    device, dtype = targets[0].device, targets[0].dtype
+    torch._fused_sgd_(
+        targets,
+        sources,
+        [],
+        weight_decay=0.0,
+        momentum=0.0,
+        lr=_learning_rate(scale, device, dtype),
+        dampening=0.0,
+        nesterov=False,
+        maximize=True,  # p -= lr * (-g)
+        is_first_step=False,
+        found_inf=found_inf.to(device),
+    )
 
 
 def _learning_rate(scale: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:

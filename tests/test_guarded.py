@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_sam.guarded import add_scaled_unless_, reset_where_
+from hf_sam.guarded import add_scaled_unless_, reset_where_, uniform
 
 
 def _cases():
@@ -43,3 +43,14 @@ def test_reset_where_is_exact_both_ways(flag):
     want = [(s if flag else t).clone() for t, s in zip(targets, sources, strict=True)]
     reset_where_(targets, sources, torch.tensor(flag))
     assert all(torch.equal(a, b) for a, b in zip(targets, want, strict=True))
+
+
+def test_uniform_targets_with_a_non_contiguous_source_take_the_safe_path():
+    torch.manual_seed(1)
+    targets = [torch.randn(4, 3), torch.randn(3, 4)]
+    assert uniform(targets)
+    sources = [torch.randn(3, 4).t(), torch.randn(3, 4)]  # the first is a transposed view
+    want = [t + 0.25 * s for t, s in zip(targets, sources, strict=True)]
+    add_scaled_unless_(targets, sources, torch.tensor(0.25, dtype=torch.float64), torch.tensor(False), True)
+    for got, expected in zip(targets, want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)

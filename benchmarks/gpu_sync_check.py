@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""GPU check: the SAM engine's calls inside a training step make no host sync, under CUDA's own
+sync debug mode (``torch.cuda.set_sync_debug_mode("error")`` raises on any synchronizing call).
+
+The engine's phases (begin, every ascend, begin_descent, end_descent, restore) run in "error" mode
+for k in {1, 3}, each rule, descents last/mean/xsam, and with a non-finite ascent gradient injected;
+the model's forward and backward passes run outside it (a model may sync on its own). Then one whole
+SAMTrainer.training_step runs in "warn" mode and the synchronizing calls it makes are counted next to
+the stock Trainer step's (k=0). The CPU counterpart is tests/test_no_host_sync.py.
+
+    python benchmarks/gpu_sync_check.py
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+
+import torch
+
+PHASES = ("begin", "ascend", "begin_descent", "end_descent", "restore")
+
+
+@contextlib.contextmanager
+def sync_mode(mode: str):
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def _strict(engine) -> None:
+    """Run every engine phase of this engine in "error" mode."""
+    for name in PHASES:
+        original = getattr(engine, name)
+
+        def strict(*args, _original=original, **kwargs):
+            with sync_mode("error"):
+                return _original(*args, **kwargs)
+
+        setattr(engine, name, strict)
+
+
+def _trainer(k: int, options: dict):
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from bench_step import _bert
+
+    from hf_sam import SAMTrainer, SAMTrainingArguments
+
+    model, batch = _bert(128, 2, 2, 512, 8, 32, "cuda")
+    args = SAMTrainingArguments(
+        output_dir="/tmp/hf_sam_sync_check", report_to=[], sam_ascent_steps=k, sam_rho=0.05, **options
+    )
+    trainer = SAMTrainer(model=model, args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer, model, batch
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("error: no CUDA device", file=sys.stderr)
+        return 2
+    failures = 0
+    cases = [(k, {"sam_ascent_rule": rule}) for k in (1, 3) for rule in ("normalized", "projected", "accumulated")]
+    cases += [(3, {"sam_descent": "mean"}), (3, {"sam_descent": "xsam", "sam_xsam_alpha": 0.5})]
+    cases += [(3, {"sam_adaptive": True}), (3, {"sam_ascent_rule": "projected", "sam_step_mult": 0.6})]
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for k, options in cases:
+        for poison in (False, True):
+            trainer, model, batch = _trainer(k, options)
+            trainer.training_step(model, dict(batch))  # binds the engine; the first step reviews the norms once
+            _strict(trainer._sam_engine)
+            if poison:  # a non-finite first ascent gradient: dropped on the device
+                handle = model.bert.embeddings.word_embeddings.weight.register_hook(lambda g: g * float("nan"))
+            try:
+                trainer.training_step(model, dict(batch))
+                torch.cuda.synchronize()
+                verdict = "no sync"
+            except RuntimeError as error:
+                verdict, failures = f"SYNC: {str(error).splitlines()[0][:80]}", failures + 1
+            finally:
+                if poison:
+                    handle.remove()
+            print(f"k={k} {options} non-finite={poison}: {verdict}")
+    counts = {}
+    for k in (0, 3):
+        trainer, model, batch = _trainer(k, {})
+        trainer.training_step(model, dict(batch))
+        with warnings.catch_warnings(record=True) as caught, sync_mode("warn"):
+            warnings.simplefilter("always")
+            trainer.training_step(model, dict(batch))
+        counts[k] = sum("synchroniz" in str(w.message) for w in caught)
+    print(f"whole training_step, synchronizing calls: stock (k=0) {counts[0]}, SAM k=3 {counts[3]}")
+    failures += counts[3] > counts[0]
+    print("OK" if not failures else f"FAILED: {failures}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
