@@ -313,6 +313,16 @@ def peak_mib(preset: str, index: int, case: Case, variant, bf16: bool, device: s
     return value
 
 
+def _cpu_name() -> str:
+    """The CPU model and core count, as /proc/cpuinfo tells them (the machine a table was measured on)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"cpu {names[0] if names else 'unknown'} x{len(names) or os.cpu_count()}"
+
+
 def _format(iv: Interval | None) -> str:
     return "" if iv is None else f"{iv.estimate:.3f} [{iv.low:.3f},{iv.high:.3f}]"
 
@@ -334,7 +344,12 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--rules", nargs="+", default=["normalized", "projected", "accumulated"])
     parser.add_argument("--target", type=float, default=0.01, help="Stop once every half-width is below this.")
     parser.add_argument("--time_cap", type=float, help="Seconds of timed rounds per model (cpu 600, gpu 45).")
-    parser.add_argument("--min_rounds", type=int, default=10)
+    parser.add_argument(
+        "--min_rounds",
+        type=int,
+        default=30,
+        help="At least this many rounds: a bootstrap of a median over fewer is too coarse to trust.",
+    )
     parser.add_argument("--max_rounds", type=int, default=5000)
     parser.add_argument("--rounds", type=int, help="Exactly this many rounds (no stopping rule).")
     parser.add_argument("--warmup", type=int, default=3)
@@ -367,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = [v for v in variants if v[0] != "peer"]
     rows = []
     print(
-        f"# torch {torch.__version__}, device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, "
+        f"# torch {torch.__version__}, device {torch.cuda.get_device_name() if device == 'cuda' else _cpu_name()}, "
         f"threads {torch.get_num_threads()}, bf16 {bf16}; ratios: median of per-round ratios [95% bootstrap "
         f"interval], rounds until every SAM half-width <= {args.target:g} or {args.time_cap:g} s"
     )

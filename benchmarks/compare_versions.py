@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return [ratio_interval(r.times["this"], r.times["baseline"], resamples=1000).half_width]
 
     stopped = rounds.sample_until(
-        _timer(runners, "cpu"), widths, args.target, 10, 100_000, args.time_cap, time.perf_counter
+        _timer(runners, "cpu"), widths, args.target, 30, 100_000, args.time_cap, time.perf_counter
     )
     print(f"# {case.name}, k={args.k}, {args.rule}; {len(rounds)} rounds, stopped by the {stopped}")
     for a, b in (("this", "baseline"), ("this", "floor"), ("baseline", "floor")):

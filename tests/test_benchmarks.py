@@ -63,4 +63,4 @@ def test_compare_versions_against_this_checkout():
     line = next(line for line in result.stdout.splitlines() if "this / baseline" in line)
     estimate, low, high = (float(x.strip("[],")) for x in line.split()[-3:])
     assert low <= estimate <= high and 0.8 < estimate < 1.25
-    assert "10 rounds, stopped by the interval" in result.stdout
+    assert "30 rounds, stopped by the interval" in result.stdout
