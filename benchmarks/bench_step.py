@@ -208,7 +208,7 @@ def _timer(runners: dict, device: str):
     return time_one
 
 
-def ratios(rounds: Rounds) -> dict:
+def ratios(rounds: Rounds, resamples: int = 4000) -> dict:
     """Every ratio of every variant with its interval: {(variant, name): Interval}."""
     t = {v: rounds.times[v] for v in rounds.variants}
     floor = {v[1]: t[v] for v in rounds.variants if v[0] == "floor"}
@@ -218,18 +218,19 @@ def ratios(rounds: Rounds) -> dict:
     for v in rounds.variants:
         kind, k, _ = v
         if k in floor:
-            out[v, "floor"] = ratio_interval(t[v], floor[k])
+            out[v, "floor"] = ratio_interval(t[v], floor[k], resamples=resamples)
             if plain is not None and 0 in floor:
                 trainer = [p + f - f0 for p, f, f0 in zip(plain, floor[k], floor[0], strict=True)]
-                out[v, "trainer"] = ratio_interval(t[v], trainer)
+                out[v, "trainer"] = ratio_interval(t[v], trainer, resamples=resamples)
         if peer is not None and kind == "sam" and k == 1:
-            out[v, "peer"] = ratio_interval(t[v], peer)
+            out[v, "peer"] = ratio_interval(t[v], peer, resamples=resamples)
     return out
 
 
 def _target_widths(rounds: Rounds) -> list[float]:
     """The half-widths the sampling waits on: every ratio of the SAM rows."""
-    return [iv.half_width for (v, _), iv in ratios(rounds).items() if v[0] == "sam"] or [0.0]
+    # checked every few rounds while sampling: fewer resamples than the reported intervals
+    return [iv.half_width for (v, _), iv in ratios(rounds, resamples=1000).items() if v[0] == "sam"] or [0.0]
 
 
 def time_case(case: Case, variants, bf16: bool, device: str, opts) -> tuple[Rounds, str]:

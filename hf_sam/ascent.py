@@ -135,7 +135,6 @@ class MultiStepAscent:
     def _reset_step_state(self) -> None:
         self.steps_taken = 0
         self._reach = 0.0  # an upper bound on ||d|| in the rule's norm: the steps' lengths added up
-        self._shifted = False
         self._measure_on_restore = False
         self.record = AscentRecord(self._weights[0].device)
         self.perturbation_norm: Tensor | None = None
@@ -249,8 +248,7 @@ class MultiStepAscent:
         if not self._in_step:
             raise RuntimeError("MultiStepAscent.shift() called outside begin()/restore().")
         torch._foreach_add_(self._weights, [local(o).to(w) for w, o in zip(self._weights, offsets, strict=True)])
-        self.record.shifted()
-        self._shifted = True
+        self.record.shifted = True
         self._reach = math.inf  # unknown: project (and measure) from here on
 
     @torch.no_grad()
@@ -265,7 +263,7 @@ class MultiStepAscent:
             raise RuntimeError("MultiStepAscent.begin_descent() called outside begin()/restore().")
         for p in self.params:
             p.grad = None  # an ascent pass without a following ascend() leaves nothing behind
-        if self.steps_taken >= 2 or self._shifted:  # a drop after a move: back to w, decided on the device
+        if self.steps_taken >= 2 or self.record.shifted:  # a drop after a move: back to w, decided on the device
             dropped = self.record.dropped
             reset_where_(self._weights, self._backup, dropped)
             if self.perturbation_norm is not None:  # a projection before the drop measured a move
@@ -358,7 +356,7 @@ class MultiStepAscent:
         self.held_grads = None
 
     def _measure_perturbation(self) -> None:
-        if self.steps_taken == 1 and not self._shifted:
+        if self.steps_taken == 1 and not self.record.shifted:
             # one step of length a in the rule's norm (or none): known without touching the weights
             self.perturbation_norm = self.step_size * self.record.moved.double()
         else:

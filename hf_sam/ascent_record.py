@@ -25,7 +25,7 @@ class AscentRecord:
         self._device = device
         self._intact: Tensor | None = None  # no non-finite norm so far (None: no step yet)
         self._moves: list[Tensor] = []
-        self._shifted = False
+        self.shifted = False  # the weights were moved by something else than an ascent step (a random start)
         self.grad_norms: list[Tensor] = []
 
     def observe(self, norm: Tensor) -> Tensor:
@@ -38,10 +38,6 @@ class AscentRecord:
         self._moves.append(moving)
         return moving
 
-    def shifted(self) -> None:
-        """The weights were moved by something else than an ascent step (a random start)."""
-        self._shifted = True
-
     @property
     def intact(self) -> Tensor:
         return torch.ones((), dtype=torch.bool, device=self._device) if self._intact is None else self._intact
@@ -52,7 +48,7 @@ class AscentRecord:
 
     @property
     def moved(self) -> Tensor:
-        if self._shifted:
+        if self.shifted:
             return self.intact.clone()
         if len(self._moves) == 1:  # its own step's flag already includes the (final) intact one
             return self._moves[0]
