@@ -6,7 +6,7 @@ The engine's phases (begin, every ascend, begin_descent, end_descent, restore) r
 for k in {1, 3}, each rule, descents last/mean/xsam, and with a non-finite ascent gradient injected;
 the model's forward and backward passes run outside it (a model may sync on its own). Then one whole
 SAMTrainer.training_step runs in "warn" mode and the synchronizing calls it makes are counted next to
-the stock Trainer step's (k=0). The CPU counterpart is tests/test_no_host_sync.py.
+the stock Trainer step's (k=0). The CPU counterpart is tests/engine/test_no_host_sync.py.
 
     python benchmarks/gpu_sync_check.py
 """

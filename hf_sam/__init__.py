@@ -2,12 +2,17 @@
 
 from typing import Any
 
-from .args import SAMArgumentsMixin, SAMSeq2SeqTrainingArguments, SAMTrainingArguments
-from .ascent import MultiStepAscent
-from .checks import upcast_trainable_parameters
 from .config import SAMConfig
-from .lookbehind import LookbehindSAM
-from .trainer import SAMMixin, SAMSeq2SeqTrainer, SAMTrainer
+from .engine import LookbehindSAM, MultiStepAscent
+from .trainer import (
+    SAMArgumentsMixin,
+    SAMMixin,
+    SAMSeq2SeqTrainer,
+    SAMSeq2SeqTrainingArguments,
+    SAMTrainer,
+    SAMTrainingArguments,
+    upcast_trainable_parameters,
+)
 
 __version__ = "0.1.0"
 

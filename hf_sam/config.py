@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from . import rules
+from .engine import rules
 
 ASCENT_RULES = rules.RULES
 METHODS = ("sam", "lookbehind")
@@ -30,7 +30,7 @@ class SAMConfig:
     xsam_rho_max: the radius of the dynamic choice's points (None: 2 rho).
     method: "sam" (everything above) or "lookbehind" (Lookbehind-SAM: k ascent steps of rho, an
         optimizer step of fast weights after each, then the slow weights move by lookbehind_alpha
-        towards the fast ones; see :mod:`hf_sam.lookbehind`).
+        towards the fast ones; see :mod:`hf_sam.engine.lookbehind`).
     lookbehind_alpha: Lookbehind's alpha in (0, 1], or None for the adaptive per-tensor alpha.
     sync_ascent: under DDP, all-reduce the ascent gradients (one perturbation for all ranks).
     replay_rng: run every ascent and descent pass with the random state of the clean pass (the same
@@ -157,7 +157,7 @@ class SAMConfig:
         return config
 
     def engine_kwargs(self) -> dict:
-        """The keyword arguments of :class:`hf_sam.ascent.MultiStepAscent` for this config."""
+        """The keyword arguments of :class:`hf_sam.engine.MultiStepAscent` for this config."""
         kwargs = self.to_dict()
         kwargs.pop("sync_ascent")
         kwargs.pop("replay_rng")

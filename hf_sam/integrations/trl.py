@@ -20,8 +20,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from torch import nn
 
-from ..args import SAMArgumentsMixin
-from ..trainer import SAMMixin
+from ..trainer.args import SAMArgumentsMixin
+from ..trainer.mixin import SAMMixin
 
 
 @dataclass

@@ -27,7 +27,7 @@ def is_done(root: Path, run: RunSpec) -> bool:
 
 
 def _training_args(config: StudyConfig, run: RunSpec, output_dir: Path, spec_training: dict[str, Any]):
-    from ..args import SAMTrainingArguments
+    from ..trainer.args import SAMTrainingArguments
 
     method = parse_method(run.method)
     values: dict[str, Any] = {
@@ -137,7 +137,7 @@ def _training_diagnostics(history: list[dict]) -> dict[str, float]:
 
 def measure(trainer, task, run: RunSpec, config: StudyConfig, surface: bool) -> tuple[dict, dict]:
     """Sharpness measures and landscapes on a fixed subset of the validation split."""
-    from .. import landscape, sharpness
+    from ..measures import landscape, sharpness
 
     model = trainer.model
     device = trainer.args.device

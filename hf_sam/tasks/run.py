@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from ..args import SAMTrainingArguments
 from ..metrics import load_metric
-from ..trainer import SAMTrainer
+from ..trainer.args import SAMTrainingArguments
+from ..trainer.mixin import SAMTrainer
 from .arguments import DataArguments, ModelArguments
 from .hub import HubUnavailableError
 

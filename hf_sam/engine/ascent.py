@@ -1,0 +1,359 @@
+"""The multi-step SAM perturbation engine: pure torch on a list of parameters.
+
+Nothing here knows about the Trainer, so the engine is usable from a plain PyTorch or
+accelerate loop. One training step with k ascent steps is driven as::
+
+    engine.begin()                    # snapshot w, set aside accumulated grads
+    for i in range(k):
+        loss_fn().backward()          # gradient at w + d_{i-1} lands in p.grad
+        engine.ascend()               # move to w + d_i (unless non-finite), clear p.grad
+    scale = engine.begin_descent()    # grads back in place (plus the "mean" sum); w after a drop
+    (loss_fn() * scale).backward()    # descent gradient is *added* to p.grad
+    engine.end_descent()              # XSAM's combination, direction diagnostics
+    engine.restore()                  # weights copied back from the snapshot
+
+or all at once with :meth:`MultiStepAscent.step`. The hot path uses foreach kernels (a
+constant number of launches per ascent step) and reads nothing back to the host: the gradient
+norm, the skip of a non-finite ascent and the step size are all decided on the device
+(:mod:`hf_sam.engine.guarded`), so a GPU's launch queue never drains inside a step. A non-finite
+ascent therefore does not stop the loop: the remaining ascent passes run and leave the weights
+where they are, and the descent is at w. What the ascent did is in :attr:`record`.
+
+FSDP2 (``fully_shard``) parameters are DTensor shards: the engine works on their local tensors
+and takes every norm over all shards (:mod:`hf_sam.engine.tensors`), so the perturbation is the one a
+single process holding the whole model would take from the same (synchronized) gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from .ascent_record import AscentRecord
+from .descents import DESCENTS, LastDescent, make_descent
+from .direction_cosines import DirectionTracker
+from .gradient_norm import GradientNorm
+from .guarded import add_scaled_unless_, reset_where_, uniform
+from .rules import RULES, project_, step_size
+from .tensors import ShardLayout, global_norm, local
+
+
+def scaled_loss(loss: Tensor, factor: float | Tensor) -> Tensor:
+    """``loss * factor``, skipping the multiplication for a plain 1 (a tensor factor is never compared:
+    that would read it back to the host)."""
+    return loss if isinstance(factor, float) and factor == 1.0 else loss * factor
+
+
+class MultiStepAscent:
+    """Takes k ascent steps on the weights and restores them, for multi-step SAM.
+
+    Args:
+        params: the parameters to perturb; those with ``requires_grad=False`` are ignored.
+        ascent_steps: k >= 1.
+        rho: radius of the neighbourhood.
+        ascent_rule: "normalized" (step rho/k), "projected" (step step_mult*rho, project onto
+            the rho-ball after every step) or "accumulated" (step rho, no projection).
+        step_mult: step size of "projected", in units of rho.
+        adaptive: ASAM. With T = |w| + adaptive_eta (w the unperturbed weights) each step is
+            a T^2 g / ||T g|| and "projected" projects onto ||d / T|| <= rho.
+        adaptive_eta: the eta of ASAM.
+        descent: "last" (descend with the gradient at w + d_k), "mean" (with the mean of
+            the gradients at w + d_1 .. w + d_k) or "xsam" (||g_k|| u(alpha), the spherical
+            interpolation between d_k and g_k of :mod:`hf_sam.engine.descents.xsam`).
+        xsam_alpha: XSAM's alpha (>= 0), also settable between steps (the dynamic choice).
+        xsam_rho_max: radius of the points the dynamic alpha choice evaluates (default 2 rho).
+        track_directions: also measure the cosine between successive ascent gradients and
+            between the first ascent gradient and the descent gradient (keeps two more copies
+            of the gradients; for diagnostics, not for speed).
+
+    After each training step :attr:`record` (an :class:`~hf_sam.engine.ascent_record.AscentRecord` of
+    device tensors) and ``perturbation_norm`` (||d_k||, a 0-d tensor, in the rule's norm) describe
+    it; the properties ``grad_norms``, ``skipped``, ``moved`` and ``zero_gradient`` read the record
+    back to the host (each read waits for the device: for logs and tests, not for the hot path).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        ascent_steps: int = 1,
+        rho: float = 0.05,
+        ascent_rule: str = "normalized",
+        step_mult: float = 1.0,
+        adaptive: bool = False,
+        adaptive_eta: float = 0.01,
+        descent: str = "last",
+        track_directions: bool = False,
+        xsam_alpha: float = 1.0,
+        xsam_rho_max: float | None = None,
+    ) -> None:
+        if ascent_rule not in RULES:
+            raise ValueError(f"ascent_rule={ascent_rule!r} is invalid: allowed values are {', '.join(RULES)}.")
+        if descent not in DESCENTS:
+            raise ValueError(f"descent={descent!r} is invalid: allowed values are {', '.join(DESCENTS)}.")
+        if int(ascent_steps) < 1:
+            raise ValueError(f"ascent_steps={ascent_steps!r} is invalid: the engine needs k >= 1.")
+        if not rho > 0 or not step_mult > 0 or adaptive_eta < 0:
+            raise ValueError("rho and step_mult must be > 0 and adaptive_eta >= 0.")
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("MultiStepAscent got no trainable parameters.")
+        self._layout = ShardLayout(self.params)
+        self.ascent_steps = int(ascent_steps)
+        self.rho = float(rho)
+        self.ascent_rule = ascent_rule
+        self.step_mult = float(step_mult)
+        self.adaptive = bool(adaptive)
+        self.adaptive_eta = float(adaptive_eta)
+        self.descent = descent
+        self.descent_rule: LastDescent = make_descent(descent, self.rho, xsam_alpha, xsam_rho_max)
+        self.track_directions = bool(track_directions)
+        self.step_size = step_size(ascent_rule, self.rho, self.ascent_steps, self.step_mult)
+        self._weights: list[Tensor] = self._layout.locals(self.params)  # local shards under FSDP2
+        self._backup: list[Tensor] | None = None  # the one fp32 copy of the weights, reused every step
+        self.held_grads: list[Tensor | None] | None = None  # accumulated grads set aside during the ascent
+        self._scale: list[Tensor] | None = None  # ASAM's T, for this step only
+        self._directions: DirectionTracker | None = None  # with track_directions only
+        self._in_step = False
+        self._norm = GradientNorm(self._weights, self._weights[0].device)
+        self._uniform = uniform(self._weights)  # the weights' layouts do not change (FSDP2 views alike)
+        self._step_size_t = torch.tensor(self.step_size, dtype=torch.float64, device=self._weights[0].device)
+        self._steps_done = 0
+        self._reset_step_state()
+
+    def _reset_step_state(self) -> None:
+        self.steps_taken = 0
+        self._reach = 0.0  # an upper bound on ||d|| in the rule's norm: the steps' lengths added up
+        self._measure_on_restore = False
+        self.record = AscentRecord(self._weights[0].device)
+        self.perturbation_norm: Tensor | None = None
+        self.successive_cosines: list[Tensor] = []  # with track_directions only
+        self.descent_cosine: Tensor | None = None
+
+    # what the descents read (hf_sam.engine.descents.base.DescentContext)
+    weights = property(lambda self: self._weights, doc="The trainable tensors (local shards under FSDP2).")
+    backup = property(lambda self: self._backup, doc="The snapshot of w taken by begin().")
+    layout = property(lambda self: self._layout, doc="Which tensors are shards.")
+    asam_scale = property(lambda self: self._scale, doc="ASAM's T = |w| + eta for this step (None without ASAM).")
+
+    @property
+    def xsam_alpha(self) -> float | None:
+        return getattr(self.descent_rule, "alpha", None)
+
+    @xsam_alpha.setter
+    def xsam_alpha(self, value: float) -> None:
+        self.descent_rule.alpha = float(value)
+
+    @property
+    def xsam_angle(self) -> Tensor | None:
+        return getattr(self.descent_rule, "angle", None)
+
+    # host reads of the record (each waits for the device)
+    @property
+    def grad_norms(self) -> list[float]:
+        return [float(n) for n in self.record.grad_norms]
+
+    @property
+    def skipped(self) -> bool:
+        return bool(self.record.dropped)
+
+    @property
+    def moved(self) -> bool:
+        return bool(self.record.moved)
+
+    @property
+    def zero_gradient(self) -> bool:
+        return bool(self.record.zero)
+
+    # ----------------------------------------------------------------- step protocol
+    @torch.no_grad()
+    def begin(self) -> None:
+        """Snapshot the weights and set aside the gradients already accumulated in p.grad."""
+        if self._in_step:
+            raise RuntimeError("MultiStepAscent.begin() called twice without restore().")
+        if self._layout.sharded:  # FSDP2 may hand out new local views between steps
+            self._weights = self._layout.locals(self.params)
+        if self._backup is None:
+            self._backup = [w.detach().clone() for w in self._weights]
+        else:
+            torch._foreach_copy_(self._backup, self._weights)
+        self.held_grads = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        if self.adaptive:
+            self._scale = torch._foreach_abs(self._backup)
+            torch._foreach_add_(self._scale, self.adaptive_eta)
+        self._reset_step_state()
+        self.descent_rule.begin(len(self.params))
+        self._directions = DirectionTracker(self._weights, self._layout) if self.track_directions else None
+        self._in_step = True
+
+    @torch.no_grad()
+    def ascend(self) -> Tensor:
+        """Take one ascent step with the gradient in p.grad, then clear p.grad.
+
+        Nothing is read back to the host. Returns a 0-d bool tensor, false once a non-finite
+        gradient norm has dropped the perturbation; a loop need not look at it (testing it reads
+        it back): after a drop the remaining steps leave the weights alone and the descent is at w.
+        """
+        if not self._in_step:
+            raise RuntimeError("MultiStepAscent.ascend() called outside begin()/restore().")
+        self.steps_taken += 1
+        i = self.steps_taken
+        if i > self.ascent_steps:
+            raise RuntimeError(f"ascend() called more than ascent_steps={self.ascent_steps} times.")
+        idx = [j for j, p in enumerate(self.params) if p.grad is not None]
+        weights = [self._weights[j] for j in idx]
+        grads = [local(self.params[j].grad) for j in idx]
+        for j in idx:
+            self.params[j].grad = None
+        if self._directions is not None:
+            self._directions.ascent_gradient(idx, grads, i)
+            self.successive_cosines = self._directions.successive
+        if self.adaptive:
+            scale = [self._scale[j] for j in idx]
+            torch._foreach_mul_(grads, scale)  # u = T g
+        norm = self._norm(grads, self._layout, self._layout.flags(idx))
+        moving = self.record.observe(norm)
+        self.descent_rule.ascent_gradient(i, idx, grads, self.record)
+        if self.adaptive:
+            torch._foreach_mul_(grads, scale)  # T^2 g
+        # a / ||g|| is inf or nan only when the step is skipped, and then the kernel does not read it
+        add_scaled_unless_(weights, grads, torch.div(self._step_size_t, norm), ~moving, self._uniform)
+        self._reach += self.step_size  # each step has length step_size (or 0) in the rule's norm
+        if self.ascent_rule == "projected" and self._reach > self.rho:
+            # the consumed gradients are free: d = p - w is formed in them, not in new memory
+            self._project(grads if len(idx) == len(self.params) else None)
+        elif i == self.ascent_steps:
+            # projected too when the steps cannot have left the ball (k=1, or step_mult <= 1/k)
+            self._measure_perturbation()
+        return self.record.intact
+
+    @torch.no_grad()
+    def shift(self, offsets: list[Tensor]) -> None:
+        """Move the weights by ``offsets`` (one per trainable tensor) inside a step, e.g. to a
+        random start in the ball. Move them only through the engine between begin() and
+        restore(): it bounds ||d|| by the lengths of its own steps to skip needless projections."""
+        if not self._in_step:
+            raise RuntimeError("MultiStepAscent.shift() called outside begin()/restore().")
+        torch._foreach_add_(self._weights, [local(o).to(w) for w, o in zip(self._weights, offsets, strict=True)])
+        self.record.shifted = True
+        self._reach = math.inf  # unknown: project (and measure) from here on
+
+    @torch.no_grad()
+    def begin_descent(self) -> float | Tensor:
+        """Put the accumulated gradients back in p.grad before the descent backward.
+
+        Returns the factor to multiply the descent loss by: 1 for "last", 1/k for "mean"
+        (p.grad then already holds (1/k) times the sum of the gradients at d_1..d_{k-1}), as a
+        0-d tensor for "mean" (1 when the ascent was dropped).
+        """
+        if not self._in_step:
+            raise RuntimeError("MultiStepAscent.begin_descent() called outside begin()/restore().")
+        for p in self.params:
+            p.grad = None  # an ascent pass without a following ascend() leaves nothing behind
+        if self.steps_taken >= 2 or self.record.shifted:  # a drop after a move: back to w, decided on the device
+            dropped = self.record.dropped
+            reset_where_(self._weights, self._backup, dropped)
+            if self.perturbation_norm is not None:  # a projection before the drop measured a move
+                norm = self.perturbation_norm
+                self.perturbation_norm = torch.where(dropped, torch.zeros_like(norm), norm)
+        # (one step, no shift: a dropped step did not move, and its measured norm is 0 already)
+        if self._directions is not None:
+            self._directions.before_descent_backward(self.held_grads)
+        return self.descent_rule.before_backward(self)
+
+    @torch.no_grad()
+    def choose_xsam_alpha(self, loss_at: Callable[[], Tensor | float], alphas: list[float]) -> float:
+        """XSAM's dynamic alpha (after the descent backward): :meth:`.descents.xsam.XSAMDescent.choose_alpha`."""
+        return self.descent_rule.choose_alpha(self, loss_at, alphas)
+
+    @torch.no_grad()
+    def end_descent(self) -> None:
+        """After the descent backward: the descent's own last word (XSAM's combination); with
+        track_directions, cos(first ascent gradient, descent gradient)."""
+        self.descent_rule.after_backward(self)
+        if self._directions is not None:
+            self.descent_cosine = self._directions.descent_cosine([p.grad for p in self.params])
+            self._directions = None
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy the weights back from the snapshot (bit-exact); safe to call after an error."""
+        if not self._in_step:
+            return
+        if self._measure_on_restore:
+            # ||d|| of a multi-step ascent, from p - w formed in the weights just before they are
+            # overwritten: one pass fewer than forming it in a separate buffer
+            torch._foreach_sub_(self._weights, self._backup)
+            if self.adaptive:
+                torch._foreach_div_(self._weights, self._scale)
+            self.perturbation_norm = global_norm(self._weights, self._layout, self._layout.flags())
+            self._measure_on_restore = False
+        torch._foreach_copy_(self._weights, self._backup)
+        if self.held_grads is not None:  # an error struck before begin_descent(): undo the set-aside
+            for p in self.params:
+                p.grad = None
+            self.return_held_grads()
+        self._scale = None
+        self._directions = None
+        self._in_step = False
+        self._steps_done += 1
+        if self._steps_done == 1 and self.steps_taken:
+            self.review_norm_precision()  # once, after the first step: its one host read
+
+    def review_norm_precision(self) -> bool:
+        """Read back (one host read) whether every gradient norm since the last review was in the range
+        where float32 norms are exact (:mod:`hf_sam.engine.gradient_norm`), and take the norms in float32 from
+        now on if so, in float64 if not. The engine does it once after its first step; the Trainer at
+        every logging step; a plain loop may call it now and then. Returns whether norms are float64."""
+        return self._norm.review()
+
+    def step(
+        self,
+        compute_loss: Callable[[], Tensor],
+        backward: Callable[[Tensor], None] | None = None,
+    ) -> Tensor:
+        """Run one full SAM step for a plain loop: k ascent passes, the descent pass, restore.
+
+        ``compute_loss`` runs a forward pass and returns the loss; ``backward`` defaults to
+        ``loss.backward()`` (pass ``accelerator.backward`` under accelerate). The descent
+        gradient is added to p.grad; call the optimizer afterwards. Returns the loss at w.
+        """
+        backward = backward or (lambda loss: loss.backward())
+        self.begin()
+        try:
+            clean = None
+            for _ in range(self.ascent_steps):  # all k passes: whether to stop is not read from the device
+                loss = compute_loss()
+                backward(loss)
+                if clean is None:
+                    clean = loss.detach()
+                self.ascend()
+            factor = self.begin_descent()
+            backward(scaled_loss(compute_loss(), factor))
+            self.end_descent()
+        finally:
+            self.restore()
+        return clean
+
+    # ----------------------------------------------------------------------- helpers
+    def return_held_grads(self) -> None:
+        """Put the gradients set aside by begin() back in p.grad."""
+        for p, g in zip(self.params, self.held_grads, strict=True):
+            p.grad = g
+        self.held_grads = None
+
+    def _measure_perturbation(self) -> None:
+        if self.steps_taken == 1 and not self.record.shifted:
+            # one step of length a in the rule's norm (or none): known without touching the weights
+            self.perturbation_norm = self.step_size * self.record.moved.double()
+        else:
+            self._measure_on_restore = True  # set by restore()
+
+    def _project(self, scratch: list[Tensor] | None = None) -> None:
+        """The "projected" rule's projection; ``scratch``: free buffers to hold d (saves an allocation)."""
+        self.perturbation_norm = project_(self._weights, self._backup, self._scale, self.rho, self._layout, scratch)
+        self._reach = self.rho

@@ -1,0 +1,137 @@
+"""Lookbehind-SAM (ICML 2024) for a plain PyTorch or accelerate loop.
+
+Per batch, with slow weights phi (the model's weights between steps) and fast weights theta_0 = phi:
+
+    g_0 = g(phi'_0), phi'_0 = phi
+    for i in 1..k:
+        phi'_i  = phi'_{i-1} + rho g_{i-1} / ||g_{i-1}||      (full rho per step, no projection)
+        g_i     = g(phi'_i)
+        theta_i = base optimizer step from theta_{i-1} with g_i  (one optimizer state; momentum and
+                                                                  weight decay act on theta)
+    phi <- phi + alpha (theta_k - phi)
+
+with alpha fixed in (0, 1] or, per parameter tensor, (cos(theta_1 - phi, theta_k - phi) + 1) / 2. The
+published code recomputes g(phi'_i) for the next ascent (2k passes); here the gradient at phi'_i
+serves both the descent of step i and the ascent of step i + 1 (k + 1 passes).
+
+SAMTrainer runs the same rule with ``sam_method="lookbehind"`` (:mod:`hf_sam.trainer.lookbehind`):
+it takes the first k - 1 optimizer steps itself and leaves the k-th to the Trainer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+
+class LookbehindSAM:
+    """k inner SAM steps on fast weights, then an interpolation of the slow weights towards them.
+
+    Args:
+        params: the parameters (those the base ``optimizer`` steps; ``requires_grad=False`` ignored).
+        optimizer: the base optimizer over the same parameters (its state is shared by the inner steps).
+        ascent_steps: k >= 1 inner steps.
+        rho: the length of every ascent step.
+        alpha: the slow weights' step in (0, 1], or None for the adaptive per-tensor alpha.
+
+    ``step(closure)`` runs one batch: ``closure()`` computes the loss at the current weights (forward
+    only; backward is done here). Call ``optimizer.zero_grad()`` yourself only if you use the grads;
+    ``step`` leaves p.grad as the last inner step's gradient. ``last_alphas`` holds the alphas used.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        optimizer: torch.optim.Optimizer,
+        ascent_steps: int = 2,
+        rho: float = 0.05,
+        alpha: float | None = 0.5,
+    ) -> None:
+        if int(ascent_steps) < 1:
+            raise ValueError(f"ascent_steps={ascent_steps!r} is invalid: Lookbehind needs k >= 1.")
+        if not rho > 0:
+            raise ValueError(f"rho={rho!r} is invalid: it must be > 0.")
+        if alpha is not None and not 0 < alpha <= 1:
+            raise ValueError(f"alpha={alpha!r} is invalid: it must be in (0, 1], or None for the adaptive alpha.")
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("LookbehindSAM got no trainable parameters.")
+        self.optimizer = optimizer
+        self.ascent_steps = int(ascent_steps)
+        self.rho = float(rho)
+        self.alpha = alpha
+        self.last_alphas: list[Tensor] = []
+
+    @torch.no_grad()
+    def _gradients(self) -> list[Tensor]:
+        return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.params]
+
+    def _gradient_at_params(self, closure: Callable[[], Tensor]) -> tuple[Tensor, list[Tensor]]:
+        for p in self.params:
+            p.grad = None
+        with torch.enable_grad():
+            loss = closure()
+            loss.backward()
+        return loss.detach(), self._gradients()
+
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:
+        """One batch: k + 1 forward+backward passes and k base-optimizer steps; returns the loss at phi."""
+        params = self.params
+        with torch.no_grad():
+            slow = [p.detach().clone() for p in params]  # phi
+            fast = [p.detach().clone() for p in params]  # theta
+            chain = [p.detach().clone() for p in params]  # phi'_i
+        clean, grad = self._gradient_at_params(closure)  # g(phi'_0) = g(phi)
+        first_move: list[Tensor] | None = None
+        for _ in range(self.ascent_steps):
+            ascend_(chain, grad, self.rho)
+            with torch.no_grad():
+                torch._foreach_copy_(params, chain)
+            _, grad = self._gradient_at_params(closure)  # g(phi'_i): this descent and the next ascent
+            with torch.no_grad():
+                torch._foreach_copy_(params, fast)  # the optimizer steps theta with g(phi'_i)
+                for p, g in zip(params, grad, strict=True):
+                    p.grad = g.clone()
+            self.optimizer.step()
+            with torch.no_grad():
+                torch._foreach_copy_(fast, params)
+                if first_move is None:
+                    first_move = torch._foreach_sub(fast, slow)  # theta_1 - phi
+        self.last_alphas = look_behind_(params, slow, fast, first_move, self.alpha)
+        return clean
+
+
+@torch.no_grad()
+def ascend_(chain: list[Tensor], grad: list[Tensor], rho: float) -> None:
+    """chain <- chain + rho g/||g|| (the norm over all tensors)."""
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grad)))
+    torch._foreach_add_(chain, torch._foreach_div(grad, norm.clamp_min(1e-300) / rho))
+
+
+@torch.no_grad()
+def look_behind_(
+    params: list[Tensor], slow: list[Tensor], fast: list[Tensor], first_move: list[Tensor] | None, alpha: float | None
+) -> list[Tensor]:
+    """params <- phi + alpha (theta_k - phi); returns the alphas (one per tensor)."""
+    move = torch._foreach_sub(fast, slow)  # theta_k - phi
+    alphas = interpolation_alphas(move if first_move is None else first_move, move, alpha)
+    torch._foreach_copy_(params, slow)
+    torch._foreach_add_(params, [a.to(m.dtype) * m for a, m in zip(alphas, move, strict=True)])
+    return alphas
+
+
+def interpolation_alphas(first: list[Tensor], last: list[Tensor], alpha: float | None) -> list[Tensor]:
+    """alpha for every tensor, or (cos(theta_1 - phi, theta_k - phi) + 1)/2 per tensor when None."""
+    if alpha is not None:
+        return [torch.tensor(float(alpha), dtype=torch.float64, device=m.device) for m in last]
+    out = []
+    for a, b in zip(first, last, strict=True):
+        a64, b64 = a.double().reshape(-1), b.double().reshape(-1)
+        denominator = torch.linalg.vector_norm(a64) * torch.linalg.vector_norm(b64)
+        # no movement in a tensor: nothing to interpolate, take the full step
+        one = torch.ones((), dtype=torch.float64, device=a.device)
+        cos = torch.where(denominator > 0, (a64 @ b64) / denominator.clamp_min(1e-300), one)
+        out.append((cos.clamp(-1.0, 1.0) + 1.0) / 2.0)
+    return out

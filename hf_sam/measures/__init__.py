@@ -1,0 +1,2 @@
+"""What is measured after training, on any model: the worst loss in the rho-ball, Hessian eigenvalues
+and trace (:mod:`.sharpness`), and loss landscapes (:mod:`.landscape`)."""

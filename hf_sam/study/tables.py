@@ -1,0 +1,67 @@
+"""The study's tables: the finished runs, their budgets, the per-method summary, Markdown."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .grid import RunSpec, StudyConfig, parse_method
+
+
+def load_runs(root: Path) -> pd.DataFrame:
+    rows = [json.loads(p.read_text()) for p in sorted((root / "runs").glob("*/metrics.json"))]
+    return pd.DataFrame(rows)
+
+
+def with_budgets(df: pd.DataFrame, config: StudyConfig) -> pd.DataFrame:
+    """One row per (run, budget it belongs to): k=1 runs count for both budgets."""
+    parts = []
+    for budget in config.budgets:
+        keep = []
+        for _, row in df.iterrows():
+            spec = RunSpec(
+                row.task, row.method, row.rho, int(row.seed), row.budget, float(row.epochs), float(row.base_epochs)
+            )
+            keep.append(spec.in_budget(budget))
+        part = df[np.array(keep, dtype=bool)].copy()
+        part["budget"] = budget
+        parts.append(part)
+    out = pd.concat(parts, ignore_index=True) if parts else df
+    out["family"] = [parse_method(m).family for m in out["method"]]
+    return out
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    columns = [
+        "eval_accuracy",
+        "m_sharpness",
+        "hessian_top_eigenvalue",
+        "hessian_trace",
+        "train_sam_sharpness",
+        "forward_backward_passes",
+        "train_seconds",
+    ]
+    columns = [c for c in columns if c in df]
+    grouped = df.groupby(["task", "budget", "method", "family", "ascent_steps", "rho"], sort=False)
+    summary = grouped[columns].agg(["mean", "std"])
+    summary.columns = [f"{a}_{b}" for a, b in summary.columns]
+    summary["seeds"] = grouped.size()
+    return summary.reset_index().sort_values(["task", "budget", "ascent_steps", "method"])
+
+
+def markdown_table(frame: pd.DataFrame, digits: int = 4) -> str:
+    header = "| " + " | ".join(frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    lines = [header, rule]
+    for _, row in frame.iterrows():
+        cells = []
+        for value in row:
+            if isinstance(value, float):
+                cells.append("" if np.isnan(value) else f"{value:.{digits}g}")
+            else:
+                cells.append(str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""The ``sam_*`` flags of every HfArgumentParser CLI.
+
+``SAMArgumentsMixin`` holds only the SAM fields, so it can be put in front of any arguments class
+(``TrainingArguments``, ``Seq2SeqTrainingArguments``, TRL's ``SFTConfig``...) without touching that
+class's own defaults: ``class SAMSFTConfig(SAMArgumentsMixin, SFTConfig)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import Seq2SeqTrainingArguments, TrainingArguments
+
+from ..config import ASCENT_RULES, DESCENT_RULES, METHODS, SAMConfig
+
+
+@dataclass
+class SAMArgumentsMixin:
+    """The multi-step SAM knobs as ``sam_*`` dataclass fields; see :class:`hf_sam.SAMConfig`.
+
+    Put it first in the bases of an arguments dataclass: the other class's defaults are kept and
+    the ``sam_*`` values are validated before anything else.
+    """
+
+    sam_ascent_steps: int = field(
+        default=1,
+        metadata={"help": "Number k of ascent steps before the descent (k >= 0; 0 = plain training)."},
+    )
+    sam_rho: float = field(default=0.05, metadata={"help": "Radius rho of the neighbourhood (> 0)."})
+    sam_ascent_rule: str = field(
+        default="normalized",
+        metadata={
+            "help": "How each ascent step is taken: normalized (step rho/k), projected "
+            "(step sam_step_mult*rho, then project onto the rho-ball) or accumulated (step rho).",
+            "choices": list(ASCENT_RULES),
+        },
+    )
+    sam_step_mult: float = field(
+        default=1.0, metadata={"help": "Step size of the 'projected' rule in units of rho (> 0)."}
+    )
+    sam_adaptive: bool = field(
+        default=False, metadata={"help": "ASAM: scale the ascent by T = |w| + sam_adaptive_eta elementwise."}
+    )
+    sam_adaptive_eta: float = field(default=0.01, metadata={"help": "The eta of ASAM (>= 0)."})
+    sam_descent: str = field(
+        default="last",
+        metadata={
+            "help": "Descent gradient: 'last' (at w + d_k), 'mean' (mean over w + d_1 .. w + d_k) or 'xsam' "
+            "(||g_k|| times the spherical interpolation between d_k and g_k; see --sam_xsam_alpha).",
+            "choices": list(DESCENT_RULES),
+        },
+    )
+    sam_sync_ascent: bool = field(
+        default=False,
+        metadata={"help": "DDP: all-reduce the ascent gradients instead of perturbing per device."},
+    )
+    sam_replay_rng: bool = field(
+        default=False,
+        metadata={
+            "help": "Replay the clean pass's random state (dropout masks) in every ascent and descent pass, so "
+            "that sam/sharpness measures the perturbation and not dropout noise."
+        },
+    )
+    sam_xsam_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "XSAM (--sam_descent xsam): a fixed alpha >= 0 (1 = SAM's descent, 0 = along the ascent), or "
+            "unset to choose it at the first step of every epoch by the largest loss at w + rho_max u(alpha)."
+        },
+    )
+    sam_xsam_alpha_max: float = field(default=2.0, metadata={"help": "XSAM: the largest alpha of the dynamic choice."})
+    sam_xsam_rho_max: float | None = field(
+        default=None, metadata={"help": "XSAM: the radius of the dynamic choice's points (default 2 * sam_rho)."}
+    )
+    sam_method: str = field(
+        default="sam",
+        metadata={
+            "help": "sam (multi-step SAM with the rules above) or lookbehind (Lookbehind-SAM: k ascent steps of "
+            "sam_rho, an optimizer step of fast weights after each, then the weights move by "
+            "sam_lookbehind_alpha towards the fast ones).",
+            "choices": list(METHODS),
+        },
+    )
+    sam_lookbehind_alpha: float | None = field(
+        default=0.5,
+        metadata={"help": "Lookbehind's alpha in (0, 1]; unset (None) for the adaptive per-tensor alpha."},
+    )
+    sam_diagnostics: bool = field(
+        default=False,
+        metadata={
+            "help": "Log the loss and gradient norm at every ascent point and the cosines between successive "
+            "ascent gradients and between the first ascent and the descent gradient (slower)."
+        },
+    )
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if TrainingArguments in mro and mro.index(TrainingArguments) < mro.index(SAMArgumentsMixin):
+            raise TypeError(
+                f"{cls.__name__}: put SAMArgumentsMixin before the arguments class in the bases, e.g. "
+                f"`class {cls.__name__}(SAMArgumentsMixin, {cls.__bases__[0].__name__})`; otherwise the sam_* "
+                "values are never validated."
+            )
+
+    def __post_init__(self) -> None:
+        # Validate the SAM knobs first: they are cheap and the error should come before anything else.
+        self.sam_config  # noqa: B018 - raises ValueError naming the sam_* field
+        parent = super()
+        if hasattr(parent, "__post_init__"):
+            parent.__post_init__()
+
+    @property
+    def sam_config(self) -> SAMConfig:
+        """The validated :class:`SAMConfig` these arguments describe."""
+        return SAMConfig.from_fields(
+            prefix="sam_",
+            ascent_steps=self.sam_ascent_steps,
+            rho=self.sam_rho,
+            ascent_rule=self.sam_ascent_rule,
+            step_mult=self.sam_step_mult,
+            adaptive=self.sam_adaptive,
+            adaptive_eta=self.sam_adaptive_eta,
+            descent=self.sam_descent,
+            sync_ascent=self.sam_sync_ascent,
+            replay_rng=self.sam_replay_rng,
+            diagnostics=self.sam_diagnostics,
+            xsam_alpha=self.sam_xsam_alpha,
+            xsam_alpha_max=self.sam_xsam_alpha_max,
+            xsam_rho_max=self.sam_xsam_rho_max,
+            method=self.sam_method,
+            lookbehind_alpha=self.sam_lookbehind_alpha,
+        )
+
+
+@dataclass
+class SAMTrainingArguments(SAMArgumentsMixin, TrainingArguments):
+    """TrainingArguments with the multi-step SAM knobs; see :class:`hf_sam.SAMConfig`."""
+
+
+@dataclass
+class SAMSeq2SeqTrainingArguments(SAMArgumentsMixin, Seq2SeqTrainingArguments):
+    """Seq2SeqTrainingArguments with the multi-step SAM knobs."""

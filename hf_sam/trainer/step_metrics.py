@@ -1,0 +1,139 @@
+"""The ``sam/*`` metrics: summed on the device per micro-batch, read once per logging step."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..engine.ascent import MultiStepAscent
+from ..engine.ascent_record import AscentRecord
+
+logger = logging.getLogger(__name__)
+
+_CORE_METRICS = ("sam/grad_norm", "sam/loss_clean", "sam/loss_perturbed", "sam/perturbation_norm")
+
+
+def _unscaled(norm: float, loss_scale: torch.Tensor | None) -> float | torch.Tensor:
+    """A gradient norm of loss-scaled (fp16) gradients, unscaled for the logs without a host sync."""
+    return norm if loss_scale is None else norm / loss_scale.double()
+
+
+class SAMStepMetrics:
+    """Accumulates what each SAM micro-batch measured until the next logging step, on the device."""
+
+    def __init__(self, diagnostics: bool) -> None:
+        self.diagnostics = diagnostics
+        self._skipped: torch.Tensor | int = 0  # totals over the whole run, summed on the device
+        self._zero_gradient: torch.Tensor | int = 0
+        self._pending: list[AscentRecord] = []  # records not yet added to the totals
+        self._skipped_warned = 0
+        self.last_logged_step = 0
+        self._reset()
+
+    @property
+    def skipped_ascents(self) -> int:
+        self._fold()
+        return int(self._skipped)  # reads the device
+
+    @property
+    def zero_gradient_ascents(self) -> int:
+        self._fold()
+        return int(self._zero_gradient)
+
+    def _fold(self) -> None:
+        """Add the pending records to the totals: their kernels run here, not in every step."""
+        if not self._pending:
+            return
+        records, self._pending = self._pending, []
+        self._skipped = self._skipped + torch.stack([r.dropped for r in records]).sum()
+        self._zero_gradient = self._zero_gradient + torch.stack([r.zero & ~r.moved for r in records]).sum()
+
+    def _reset(self) -> None:
+        self._sums: dict[str, torch.Tensor | float] = {}
+        self._counts: dict[str, int] = {}
+        self._micro_batches = 0
+
+    def record(
+        self,
+        engine: MultiStepAscent,
+        clean: torch.Tensor,
+        perturbed: torch.Tensor,
+        pass_losses: list[torch.Tensor],
+        loss_scale: torch.Tensor | None,
+        global_step: int,
+    ) -> None:
+        ascent = engine.record
+        values = {
+            "sam/loss_clean": clean.double(),
+            "sam/loss_perturbed": perturbed.double(),
+            "sam/grad_norm": _unscaled(ascent.grad_norms[0] if ascent.grad_norms else 0.0, loss_scale),
+            "sam/perturbation_norm": engine.perturbation_norm.to(clean.device)
+            if engine.perturbation_norm is not None
+            else 0.0,
+        }
+        if engine.descent == "xsam" and engine.xsam_angle is not None:
+            values["sam/xsam_alpha"] = engine.xsam_alpha
+            values["sam/xsam_angle"] = engine.xsam_angle.to(clean.device)
+        if self.diagnostics:
+            values.update(self._diagnostic_values(engine, perturbed, pass_losses, loss_scale))
+        for key, value in values.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value
+            self._counts[key] = self._counts.get(key, 0) + 1
+        self._micro_batches += 1
+        self._pending.append(ascent)
+        if len(self._pending) >= 1024:  # logging steps far apart: keep the memory bounded
+            self._fold()
+
+    @staticmethod
+    def _diagnostic_values(
+        engine: MultiStepAscent, perturbed: torch.Tensor, pass_losses: list[torch.Tensor], scale
+    ) -> dict[str, object]:
+        """Loss at each ascent point d_i, gradient norm at each step, and the direction cosines."""
+        values: dict[str, object] = {}
+        # losses[i] = L(w + d_i) (L(w) after a dropped or zero ascent: the weights did not move)
+        for i, loss in enumerate([*pass_losses[1:], perturbed]):
+            values[f"sam/ascent_loss_{i + 1}"] = loss.double()
+        values["sam/ascent_loss_0"] = pass_losses[0].double()
+        for i, norm in enumerate(engine.record.grad_norms):
+            values[f"sam/ascent_grad_norm_{i + 1}"] = _unscaled(norm, scale)
+        if engine.successive_cosines:
+            values["sam/cos_successive"] = torch.stack(engine.successive_cosines).mean()
+        if engine.descent_cosine is not None:
+            values["sam/cos_first_descent"] = engine.descent_cosine
+        return values
+
+    def read(self, global_step: int, accelerator) -> dict[str, float]:
+        """The metrics averaged since the last call (and reset); losses as the Trainer reports "loss"."""
+        steps = max(global_step - self.last_logged_step, 1)
+        n = self._micro_batches
+        out: dict[str, float] = {}
+        if n:
+            # every rank has the core keys; the diagnostics may differ between ranks and stay local
+            keys = sorted(self._sums, key=lambda key: (key not in _CORE_METRICS, key))
+            vec = torch.stack([torch.as_tensor(self._sums[key], dtype=torch.float64).reshape(()).cpu() for key in keys])
+            if accelerator.num_processes > 1:
+                core = len(_CORE_METRICS)
+                reduced = accelerator.reduce(vec[:core].to(accelerator.device), reduction="mean").cpu()
+                vec = torch.cat([reduced, vec[core:]])
+            for key, total in zip(keys, vec.tolist(), strict=True):
+                if key.startswith(("sam/loss_", "sam/ascent_loss_")):
+                    # summed over micro-batches, averaged over optimizer steps
+                    out[key] = total / steps * n / self._counts[key]
+                else:
+                    out[key] = total / self._counts[key]
+            out["sam/sharpness"] = out["sam/loss_perturbed"] - out["sam/loss_clean"]
+        skipped = self.skipped_ascents
+        if skipped > self._skipped_warned:
+            logger.warning(
+                "SAM: %d ascent(s) dropped up to step %d: non-finite gradient norm; those steps descended "
+                "at the unperturbed weights.",
+                skipped - self._skipped_warned,
+                global_step,
+            )
+            self._skipped_warned = skipped
+        out["sam/skipped_ascents"] = float(skipped)
+        out["sam/zero_gradient_ascents"] = float(self.zero_gradient_ascents)
+        self._reset()
+        self.last_logged_step = global_step
+        return out

@@ -1,0 +1,74 @@
+"""Run by test_distributed.py under torch.distributed.run: one SAMTrainer step per rank, then dump
+what each rank saw (its micro-batches) and the weights before and after, for the float64 check."""
+
+import json
+import os
+import sys
+
+import torch
+from transformers import TrainerCallback, set_seed
+
+from hf_sam import SAMTrainer, SAMTrainingArguments
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tests.helpers import BASE_ARGS  # noqa: E402
+from tests.tiny import TinyNet, make_data  # noqa: E402
+
+
+class Recorder(TrainerCallback):
+    def __init__(self):
+        self.before = None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.before is None:
+            self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+class SeeingTrainer(SAMTrainer):
+    """Records the micro-batches this rank trains on (the data, not the math)."""
+
+    seen: list = []
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.seen.append({k: v.detach().clone() for k, v in inputs.items()})
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def main():
+    out_dir, k, grad_accum, sync = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+    xsam = {"sam_descent": "xsam", "sam_xsam_alpha": 0.5} if len(sys.argv) > 5 and sys.argv[5] == "xsam" else {}
+    torch.set_num_threads(1)
+    set_seed(0)
+    model = TinyNet()
+    rec = Recorder()
+    args = SAMTrainingArguments(
+        output_dir=out_dir,
+        **{**BASE_ARGS, "per_device_train_batch_size": 3, "gradient_accumulation_steps": grad_accum},
+        ddp_backend="gloo",
+        sam_ascent_steps=k,
+        sam_rho=0.3,
+        sam_sync_ascent=sync,
+        **xsam,
+    )
+    trainer = SeeingTrainer(model=model, args=args, train_dataset=make_data(24, seed=4), callbacks=[rec])
+    trainer.train()
+    rank = int(os.environ["RANK"])
+    torch.save(
+        {
+            "before": rec.before,
+            "after": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "batches": trainer.seen,
+            "world": int(os.environ["WORLD_SIZE"]),
+        },
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
+    print(json.dumps({"rank": rank, "micro_batches": len(trainer.seen)}))
+    # The results are on disk. Skip the interpreter's teardown: gloo's destructors can abort
+    # (SIGABRT, "terminate called without an active exception") when the machine is loaded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Run by test_fsdp.py under torch.distributed.run: a TinyNet wrapped with FSDP2's fully_shard on a
+CPU mesh, one MultiStepAscent step per configuration through the engine's public API, each rank on
+its own batch. Saves the full (gathered) descent gradient, the logged norms and the weights."""
+
+import itertools
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from hf_sam import MultiStepAscent, SAMConfig  # noqa: E402
+from tests.tiny import TinyNet, batch_of, make_data  # noqa: E402
+
+RULES = ("normalized", "projected", "accumulated")
+CONFIGS = list(itertools.product(RULES, (1, 2, 3), (False, True), ("last", "mean")))
+
+
+def main():
+    out_dir = sys.argv[1]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    model = TinyNet()  # float64, the same initial weights on every rank
+    for layer in (model.fc1, model.fc2, model):
+        fully_shard(layer, mesh=mesh)
+    x, y = batch_of(make_data(12, seed=9)[rank * 6 : rank * 6 + 6])
+    results = []
+    for rule, k, adaptive, descent in CONFIGS:
+        config = SAMConfig(ascent_steps=k, rho=0.3, ascent_rule=rule, adaptive=adaptive, descent=descent)
+        engine = MultiStepAscent(model.parameters(), **config.engine_kwargs())
+        before = [p.full_tensor().clone() for p in model.parameters()]
+        engine.step(lambda: F.cross_entropy(model(x)["logits"], y))
+        after = [p.full_tensor() for p in model.parameters()]
+        results.append(
+            {
+                "config": (rule, k, adaptive, descent),
+                "grad": [p.grad.full_tensor().clone() for p in model.parameters()],
+                "grad_is_sharded": all(type(p.grad).__name__ == "DTensor" for p in model.parameters()),
+                "restored": all(torch.equal(a, b) for a, b in zip(after, before, strict=True)),
+                "first_norm": engine.grad_norms[0],
+                "perturbation_norm": float(engine.perturbation_norm),
+                "backup_elements": sum(b.numel() for b in engine._backup),
+            }
+        )
+        for p in model.parameters():
+            p.grad = None
+    # a non-finite ascent gradient on one rank: the synchronized norm is non-finite on both, so both
+    # drop the perturbation together and descend at w
+    engine = MultiStepAscent(model.parameters(), **SAMConfig(ascent_steps=2, rho=0.3).engine_kwargs())
+    calls = []
+
+    def poisoned_loss():
+        calls.append(1)
+        loss = F.cross_entropy(model(x)["logits"], y)
+        return loss * float("nan") if rank == 1 and len(calls) == 1 else loss
+
+    engine.step(poisoned_loss)
+    skipped = {
+        "skipped": engine.skipped,
+        "grad": [p.grad.full_tensor().clone() for p in model.parameters()],
+        "finite_weights": all(torch.isfinite(p.full_tensor()).all() for p in model.parameters()),
+    }
+    for p in model.parameters():
+        p.grad = None
+    torch.save(
+        {
+            "skipped": skipped,
+            "results": results,
+            "x": x,
+            "y": y,
+            "weights": {n: p.full_tensor() for n, p in model.named_parameters()},
+        },
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)  # skip gloo's teardown, which can abort under load
+
+
+if __name__ == "__main__":
+    main()

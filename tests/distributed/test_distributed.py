@@ -1,0 +1,91 @@
+"""DDP with 2 CPU processes (gloo): the SAM update equals a single-process float64 reference built
+from the per-rank batches, per-device perturbation (default) or one shared perturbation (sync)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ..reference_sam import NAMES, flatten, sam_gradient
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp_path, k, grad_accum, sync, descent="last"):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(ROOT / "tests" / "distributed" / "ddp_worker.py"),
+        str(tmp_path),
+        str(k),
+        str(grad_accum),
+        "1" if sync else "0",
+        descent,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.parametrize("k,grad_accum,sync", [(2, 1, False), (2, 2, False), (2, 1, True), (3, 2, True)])
+def test_ddp_update_matches_float64_reference(tmp_path, k, grad_accum, sync):
+    ranks = _launch(tmp_path, k, grad_accum, sync)
+    before = ranks[0]["before"]
+    assert all(torch.equal(before[n], r["before"][n]) for r in ranks for n in NAMES)
+    shapes = {n: tuple(before[n].shape) for n in NAMES}
+    w = flatten(before)
+    total = torch.zeros_like(w)
+    for m in range(grad_accum):
+        micro = [(r["batches"][m]["x"], r["batches"][m]["labels"]) for r in ranks]
+        assert not torch.equal(micro[0][0], micro[1][0]), "the ranks see different data"
+        if sync:  # one perturbation from the all-reduced gradient = the gradient of the joint batch
+            x = torch.cat([b[0] for b in micro])
+            y = torch.cat([b[1] for b in micro])
+            total += sam_gradient(w, shapes, x, y, k, 0.3) / grad_accum
+        else:  # each rank its own perturbation; DDP averages the descent gradients
+            for x, y in micro:
+                total += sam_gradient(w, shapes, x, y, k, 0.3) / grad_accum / len(ranks)
+    want = w - 0.1 * total
+    for r in ranks:
+        torch.testing.assert_close(flatten(r["after"]), want, rtol=0, atol=1e-12)
+    assert all(torch.equal(ranks[0]["after"][n], ranks[1]["after"][n]) for n in NAMES)
+
+
+def test_sync_and_per_device_differ(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = _launch(tmp_path / "a", 2, 1, False)
+    b = _launch(tmp_path / "b", 2, 1, True)
+    assert (flatten(a[0]["after"]) - flatten(b[0]["after"])).abs().max() > 1e-6
+
+
+def test_ddp_xsam_uses_the_all_reduced_gradient_and_the_shared_perturbation(tmp_path):
+    """XSAM under DDP (synchronized ascent, required): every rank combines the same d_k (from the
+    all-reduced ascent gradients) with the same all-reduced g_k, so the update is XSAM on the joint batch."""
+    from ..reference_sam import xsam_gradient
+
+    ranks = _launch(tmp_path, 2, 1, True, "xsam")
+    before = ranks[0]["before"]
+    shapes = {n: tuple(before[n].shape) for n in NAMES}
+    x = torch.cat([r["batches"][0]["x"] for r in ranks])
+    y = torch.cat([r["batches"][0]["labels"] for r in ranks])
+    want = flatten(before) - 0.1 * xsam_gradient(flatten(before), shapes, x, y, 2, 0.3, 0.5)[0]
+    for r in ranks:
+        torch.testing.assert_close(flatten(r["after"]), want, rtol=0, atol=1e-12)

@@ -1,0 +1,209 @@
+"""No host sync inside a SAM step: nothing is read back from a tensor between the clean pass and the
+restore, so on a GPU the launch queue never drains mid-step.
+
+On the CPU a read costs nothing, so it is counted instead: every ``item()``, ``bool()``, ``float()`` or
+``int()`` of a tensor reaches aten as ``_local_scalar_dense`` (seen by a dispatch mode), and ``tolist()``
+and ``numpy()`` are wrapped. The counter is first shown to catch the reads the engine used to make.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import set_seed
+
+from hf_sam import MultiStepAscent
+
+from ..helpers import sam_trainer
+from ..tiny import TinyNet, batch_of, make_data
+
+_READ_OPS = {"aten._local_scalar_dense", "aten.equal", "aten.is_nonzero"}
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of tensor values by the host while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) in _READ_OPS:
+            self.reads.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def counting_host_reads():
+    counter = HostReads()
+    originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+
+    def wrap(name):
+        def read(self, *args, **kwargs):
+            counter.reads.append(name)
+            return originals[name](self, *args, **kwargs)
+
+        return read
+
+    for name in originals:
+        setattr(torch.Tensor, name, wrap(name))
+    try:
+        with counter:
+            yield counter
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def test_the_counter_sees_every_kind_of_read():
+    t = torch.tensor([1.5])
+    with counting_host_reads() as counter:
+        t.item()
+        bool(t > 0)
+        float(t)
+        t.tolist()
+        t.numpy()
+        torch.equal(t, t)
+        norm = torch.linalg.vector_norm(t)  # device work alone is not a read
+    assert len(counter.reads) == 6, counter.reads
+    assert norm.item() == 1.5
+
+
+def _engine_step(engine, params, grad_fn, k, poison_at=None):
+    for p in params:
+        p.grad = None  # as optimizer.zero_grad() leaves them
+    engine.begin()
+    for i in range(1, k + 1):
+        for p, g in zip(params, grad_fn(params), strict=True):
+            p.grad = g * float("nan") if i == poison_at else g
+        engine.ascend()
+    factor = engine.begin_descent()
+    at_descent = [p.detach().clone() for p in params]
+    for p, g in zip(params, grad_fn(params), strict=True):
+        p.grad = g * factor if p.grad is None else p.grad + g * factor
+    engine.end_descent()
+    engine.restore()
+    return at_descent
+
+
+def _cubic_grads(params):
+    return [3 * p.detach() ** 2 + 0.1 for p in params]
+
+
+@pytest.mark.parametrize("rule", ["normalized", "projected", "accumulated"])
+@pytest.mark.parametrize("descent", ["last", "mean", "xsam"])
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_engine_step_reads_nothing_back(rule, descent, adaptive, dtype):
+    torch.manual_seed(0)
+    params = [torch.randn(4, 3, dtype=dtype, requires_grad=True), torch.randn(5, dtype=dtype, requires_grad=True)]
+    w = [p.detach().clone() for p in params]
+    engine = MultiStepAscent(
+        params,
+        ascent_steps=3,
+        rho=0.1,
+        ascent_rule=rule,
+        step_mult=0.8,
+        adaptive=adaptive,
+        descent=descent,
+        xsam_alpha=0.5,
+    )
+    _engine_step(engine, params, _cubic_grads, 3)  # the first step ends with the norms' one review
+    with counting_host_reads() as counter:
+        at_descent = _engine_step(engine, params, _cubic_grads, 3)
+    assert counter.reads == []
+    assert not all(torch.equal(a, b) for a, b in zip(at_descent, w, strict=True)), "the ascent moved"
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, w, strict=True)), "restore is bit-exact"
+
+
+@pytest.mark.parametrize("poison_at", [1, 2, 3])
+@pytest.mark.parametrize("rule", ["normalized", "projected"])
+def test_a_dropped_ascent_is_decided_on_the_device(poison_at, rule):
+    # the non-finite step, its sequel and the return to w all happen without a read; the descent
+    # is at w exactly, nothing non-finite reaches the weights, and the drop is on the record
+    torch.manual_seed(0)
+    params = [torch.randn(4, 3, requires_grad=True), torch.randn(5, requires_grad=True)]
+    w = [p.detach().clone() for p in params]
+    engine = MultiStepAscent(params, ascent_steps=3, rho=0.1, ascent_rule=rule, descent="mean")
+    _engine_step(engine, params, _cubic_grads, 3)
+    with counting_host_reads() as counter:
+        at_descent = _engine_step(engine, params, _cubic_grads, 3, poison_at=poison_at)
+    assert counter.reads == []
+    assert all(torch.equal(a, b) for a, b in zip(at_descent, w, strict=True)), "the descent is at w"
+    assert engine.skipped and not engine.moved and float(engine.perturbation_norm) == 0.0
+    want = _cubic_grads(w)  # a plain step's gradient: the mean over the dropped ascent is not taken
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, want, strict=True))
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_plain_loop_step_reads_nothing_back():
+    set_seed(0)
+    model = TinyNet()
+    x, y = batch_of(make_data(8))
+    engine = MultiStepAscent(model.parameters(), ascent_steps=3, rho=0.1)
+    with counting_host_reads() as counter:
+        for _ in range(5):
+            engine.step(lambda: model(x, y)["loss"])
+    # one read in five steps: after the first, whether the norms may be taken in float32
+    assert counter.reads == ["tolist"]
+    assert not engine._norm.exact
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"sam_ascent_rule": "projected", "sam_step_mult": 0.6, "sam_adaptive": True},
+        {"sam_descent": "mean", "sam_replay_rng": True},
+        {"sam_descent": "xsam", "sam_xsam_alpha": 0.5},
+        {"sam_diagnostics": True},
+        {"gradient_accumulation_steps": 2},
+    ],
+)
+def test_trainer_step_adds_no_read_to_the_stock_step(tmp_path, options):
+    # the stock training_step (k=0) is the baseline, so reads the Trainer or the model make do not
+    # count against SAM; the SAM step with k=3 must make exactly as many
+    data = make_data(8)
+    x, y = batch_of(data[:4])
+    reads = {}
+    for k in (0, 3):
+        set_seed(0)
+        model = TinyNet()
+        chosen = options if k else {key: v for key, v in options.items() if not key.startswith("sam_")}
+        trainer = sam_trainer(tmp_path, model, data, sam_ascent_steps=k, sam_rho=0.1, **chosen)
+        trainer.create_optimizer_and_scheduler(num_training_steps=1)
+        trainer.training_step(model, {"x": x, "labels": y})  # warm-up: lazy set-up may read once
+        with counting_host_reads() as counter:
+            trainer.training_step(model, {"x": x, "labels": y})
+        reads[k] = counter.reads
+    assert reads[3] == reads[0], reads
+
+
+def test_norm_precision_follows_the_reviews():
+    # float64 until a review saw the norms in range; float32 then, which overflows at 1e20 and so
+    # drops that ascent (finite weights, counted); the next review goes back to float64, exact again
+    params = [torch.zeros(3, requires_grad=True)]
+    engine = MultiStepAscent(params, ascent_steps=1, rho=0.1)
+    huge = [torch.full((3,), 1e20)]
+
+    def step(grads):
+        _engine_step(engine, params, lambda ps: [g.clone() for g in grads], 1)
+        return params[0].grad.clone(), engine.skipped
+
+    assert engine._norm.exact
+    step([torch.ones(3)])  # the first step's review: in range
+    assert not engine._norm.exact
+    _, skipped = step(huge)
+    assert skipped, "float32 squares of 1e20 overflow: the ascent is dropped, not taken with a wrong norm"
+    assert engine.review_norm_precision(), "an out-of-range norm since the last review: back to float64"
+    engine.begin()
+    params[0].grad = huge[0].clone()
+    engine.ascend()
+    moved = params[0].detach().clone()
+    engine.begin_descent()
+    engine.restore()
+    assert not engine.skipped
+    torch.testing.assert_close(moved, torch.full((3,), 0.1 / 3**0.5))  # rho g/||g||, exact in float64

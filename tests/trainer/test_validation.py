@@ -1,0 +1,224 @@
+"""Bad input fails before training with a message naming the field; unsupported set-ups are refused."""
+
+import re
+
+import pytest
+import torch
+from transformers import HfArgumentParser, set_seed
+
+from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments
+
+from ..helpers import BASE_ARGS, sam_trainer
+from ..tiny import TinyNet, make_data
+
+# (field, value, words the message must contain)
+INVALID = [
+    ("sam_ascent_steps", -1, ">= 0"),
+    ("sam_ascent_steps", 1.5, "integer"),
+    ("sam_rho", 0.0, "> 0"),
+    ("sam_rho", -0.1, "> 0"),
+    ("sam_rho", float("nan"), "finite"),
+    ("sam_ascent_rule", "sgd", "normalized, projected, accumulated"),
+    ("sam_descent", "first", "last, mean"),
+    ("sam_step_mult", 0.0, "> 0"),
+    ("sam_adaptive_eta", -0.01, ">= 0"),
+    ("sam_adaptive", "yes", "True or False"),
+]
+CONFLICTS = [
+    ({"sam_step_mult": 2.0}, "sam_step_mult", "projected"),
+    ({"sam_ascent_steps": 0, "sam_descent": "mean"}, "sam_descent", "sam_ascent_steps >= 1"),
+    ({"sam_ascent_steps": 0, "sam_adaptive": True}, "sam_adaptive", "sam_ascent_steps >= 1"),
+]
+
+
+@pytest.mark.parametrize("field,value,words", INVALID)
+def test_invalid_values_name_the_field(tmp_path, field, value, words):
+    with pytest.raises(ValueError) as err:
+        SAMTrainingArguments(output_dir=str(tmp_path), **{field: value})
+    assert field in str(err.value) and words in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs,field,words", CONFLICTS)
+def test_conflicting_options_are_refused(tmp_path, kwargs, field, words):
+    with pytest.raises(ValueError) as err:
+        SAMTrainingArguments(output_dir=str(tmp_path), **kwargs)
+    assert field in str(err.value) and words in str(err.value)
+
+
+def test_config_without_prefix_names_plain_field():
+    with pytest.raises(ValueError, match="^rho=0"):
+        SAMConfig(rho=0.0)
+    assert SAMConfig(ascent_steps=0, rho=0.0).ascent_steps == 0  # rho is unused without ascent
+
+
+def test_every_sam_field_is_a_cli_flag(tmp_path):
+    parser = HfArgumentParser(SAMTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--sam_ascent_steps",
+            "3",
+            "--sam_rho",
+            "0.1",
+            "--sam_ascent_rule",
+            "projected",
+            "--sam_step_mult",
+            "0.5",
+            "--sam_adaptive",
+            "--sam_adaptive_eta",
+            "0.02",
+            "--sam_descent",
+            "mean",
+            "--sam_sync_ascent",
+            "true",
+        ]
+    )
+    assert args.sam_config == SAMConfig(
+        ascent_steps=3,
+        rho=0.1,
+        ascent_rule="projected",
+        step_mult=0.5,
+        adaptive=True,
+        adaptive_eta=0.02,
+        descent="mean",
+        sync_ascent=True,
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--sam_rho", "abc"], ["--sam_ascent_steps", "two"], ["--sam_ascent_rule", "sgd"], ["--sam_descent", "best"]],
+)
+def test_cli_type_errors_exit_before_training(tmp_path, argv, capsys):
+    parser = HfArgumentParser(SAMTrainingArguments)
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), *argv])
+    assert argv[0].lstrip("-") in capsys.readouterr().err
+
+
+def test_cli_value_errors_name_the_field(tmp_path):
+    parser = HfArgumentParser(SAMTrainingArguments)
+    with pytest.raises(ValueError, match="sam_rho"):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--sam_rho", "-1"])
+
+
+def test_low_precision_weights_are_refused(tmp_path):
+    set_seed(0)
+    model = TinyNet(dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="float32"):
+        sam_trainer(tmp_path, model, make_data(4, dtype=torch.bfloat16))
+    # plain training (k=0) does not perturb, so it is allowed
+    sam_trainer(tmp_path, model, make_data(4, dtype=torch.bfloat16), sam_ascent_steps=0)
+
+
+def test_data_parallel_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(SAMTrainingArguments, "n_gpu", property(lambda self: 2))
+    with pytest.raises(ValueError, match="DataParallel"):
+        sam_trainer(tmp_path, TinyNet(), make_data(4))
+
+
+@pytest.mark.parametrize("flag,words", [("is_deepspeed_enabled", "DeepSpeed")])
+def test_deepspeed_is_refused(tmp_path, monkeypatch, flag, words):
+    # Neither can start on this CPU-only machine: let the Trainer report that it found one.
+    monkeypatch.setattr("transformers.Trainer.__init__", _with_flag(flag))
+    with pytest.raises(ValueError, match=words):
+        SAMTrainer(
+            model=TinyNet(),
+            args=SAMTrainingArguments(output_dir=str(tmp_path), **BASE_ARGS),
+            train_dataset=make_data(4),
+        )
+
+
+def _with_flag(flag):
+    from transformers import Trainer
+
+    init = Trainer.__init__
+
+    def wrapped(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        setattr(self, flag, True)
+
+    return wrapped
+
+
+class _FakeFSDPTrainer:
+    """The attributes check_launch reads, as a trainer under accelerate's FSDP would have them."""
+
+    is_deepspeed_enabled = False
+    is_fsdp_enabled = True
+
+    def __init__(self, version, sync, accumulation):
+        from types import SimpleNamespace
+
+        from hf_sam import SAMConfig
+
+        self.accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))
+        self.sam_config = SAMConfig(ascent_steps=2, sync_ascent=sync)
+        self.args = SimpleNamespace(gradient_accumulation_steps=accumulation, n_gpu=1, fsdp=True)
+
+
+@pytest.mark.parametrize(
+    "version,sync,accumulation,message",
+    [
+        (1, True, 1, "FSDP version 2 only"),
+        (2, False, 1, "needs --sam_sync_ascent true"),
+        (2, True, 2, "does not support gradient accumulation"),
+        (2, True, 1, None),
+    ],
+)
+def test_fsdp_set_ups(version, sync, accumulation, message):
+    from hf_sam.trainer.checks import check_launch
+
+    trainer = _FakeFSDPTrainer(version, sync, accumulation)
+    if message is None:
+        check_launch(trainer)
+    else:
+        with pytest.raises(ValueError, match=message):
+            check_launch(trainer)
+
+
+def test_fsdp_flag_on_cpu_warns_that_it_is_not_active(caplog):
+    """Under a CPU multi-process launch the Trainer accepts --fsdp and trains with DDP instead."""
+    import logging
+
+    from hf_sam.trainer.checks import check_launch
+
+    trainer = _FakeFSDPTrainer(2, False, 1)
+    trainer.is_fsdp_enabled = False
+    trainer.args.world_size = 2
+    with caplog.at_level(logging.WARNING, logger="hf_sam.trainer.checks"):
+        check_launch(trainer)
+    assert "FSDP is not active" in caplog.text and "with DDP" in caplog.text
+
+
+@pytest.mark.parametrize("sync,accumulation", [(False, 1), (True, 2)])
+def test_xsam_under_ddp_needs_a_synchronized_ascent_and_no_accumulation(sync, accumulation):
+    from types import SimpleNamespace
+
+    from hf_sam import SAMConfig
+    from hf_sam.trainer.checks import check_launch
+
+    trainer = _FakeFSDPTrainer(2, sync, accumulation)
+    trainer.is_fsdp_enabled = False
+    trainer.sam_config = SAMConfig(ascent_steps=2, sync_ascent=sync, descent="xsam")
+    trainer.args = SimpleNamespace(gradient_accumulation_steps=accumulation, n_gpu=1, fsdp=False, world_size=2)
+    with pytest.raises(ValueError, match="sam_descent='xsam' with several processes"):
+        check_launch(trainer)
+
+
+@pytest.mark.parametrize(
+    "kwargs,field,words",
+    [
+        ({"sam_xsam_alpha": 0.5}, "sam_xsam_alpha", "used only by sam_descent='xsam'"),
+        ({"sam_descent": "xsam", "sam_xsam_alpha": -1.0}, "sam_xsam_alpha", ">= 0"),
+        ({"sam_descent": "xsam", "sam_xsam_alpha_max": 0.0}, "sam_xsam_alpha_max", "> 0"),
+        ({"sam_method": "lookbehind", "sam_adaptive": True}, "sam_adaptive", "own ascent and descent"),
+        ({"sam_method": "lookbehind", "sam_lookbehind_alpha": 1.5}, "sam_lookbehind_alpha", "(0, 1]"),
+        ({"sam_lookbehind_alpha": 0.3}, "sam_lookbehind_alpha", "used only by sam_method='lookbehind'"),
+    ],
+)
+def test_method_options_are_checked(tmp_path, kwargs, field, words):
+    with pytest.raises(ValueError, match=re.escape(field)) as info:
+        SAMTrainingArguments(output_dir=str(tmp_path), **{**BASE_ARGS, **kwargs})
+    assert words in str(info.value)
