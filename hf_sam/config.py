@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from .config_family import DIRECTIONS, GRANULARITIES, RHO_SCHEDULES, validate_family
 from .engine import rules
 
 ASCENT_RULES = rules.RULES
-METHODS = ("sam", "lookbehind")
-DESCENT_RULES = ("last", "mean", "xsam")
+__all__ = ["ASCENT_RULES", "DESCENT_RULES", "DIRECTIONS", "GRANULARITIES", "METHODS", "RHO_SCHEDULES", "SAMConfig"]
+METHODS = ("sam", "lookbehind", "msam")
+DESCENT_RULES = ("last", "mean", "xsam", "gsam", "wsam")
 
 
 @dataclass
@@ -21,16 +23,30 @@ class SAMConfig:
         onto the rho-ball) or "accumulated" (step rho, no projection).
     step_mult: step size of "projected" in units of rho.
     adaptive: ASAM, scale by T = |w| + adaptive_eta elementwise.
-    descent: "last" (gradient at w+d_k), "mean" (mean of the gradients at w+d_1..w+d_k) or
-        "xsam" (||g_k|| times the spherical interpolation u(alpha) between d_k and g_k, XSAM).
+    descent: "last" (gradient at w+d_k), "mean" (mean of the gradients at w+d_1..w+d_k),
+        "xsam" (||g_k|| times the spherical interpolation u(alpha) between d_k and g_k, XSAM),
+        "gsam" (GSAM: g_s - gsam_alpha times the part of the clean gradient g orthogonal to g_s) or
+        "wsam" (WSAM: g + a (g_s - g), a = wsam_gamma / (1 - wsam_gamma); with wsam_decouple the
+        optimizer steps with g and the weights then move by -lr a (g_s - g)).
+    gsam_alpha, wsam_gamma, wsam_decouple: GSAM's alpha (>= 0), WSAM's gamma in [0, 1) and mode.
+    direction: "gradient" or "friendly" (F-SAM: every ascent gradient minus friendly_sigma times a
+        momentum m of the clean gradients, m <- friendly_lambda m + (1 - friendly_lambda) g).
+    friendly_sigma, friendly_lambda: F-SAM's sigma (>= 0) and lambda in [0, 1).
+    every_n_steps: optimizer steps 0, n, 2n, .. are SAM steps; the others make one pass (LookSAM's
+        schedule); reuse_alpha > 0 adds reuse_alpha ||g|| / ||g_v|| g_v to those, g_v the part of
+        the last SAM step's g_s orthogonal to its g, over all tensors or per tensor
+        (reuse_granularity "global" or "tensor").
+    rho_schedule: "constant" or "lr" (GSAM's: rho_t = rho_min + (rho - rho_min) (lr_t - lr_min) /
+        (lr_max - lr_min) over the run's learning-rate schedule), with rho_min in [0, rho].
     xsam_alpha: XSAM's fixed alpha (>= 0; 1 is SAM's descent), or None to choose it at the first
         optimizer step of every epoch among 0, 0.1, .., xsam_alpha_max by the largest loss at
         w + xsam_rho_max u(alpha).
     xsam_alpha_max: the largest alpha of the dynamic choice.
     xsam_rho_max: the radius of the dynamic choice's points (None: 2 rho).
-    method: "sam" (everything above) or "lookbehind" (Lookbehind-SAM: k ascent steps of rho, an
+    method: "sam" (everything above), "lookbehind" (Lookbehind-SAM: k ascent steps of rho, an
         optimizer step of fast weights after each, then the slow weights move by lookbehind_alpha
-        towards the fast ones; see :mod:`hf_sam.engine.lookbehind`).
+        towards the fast ones; see :mod:`hf_sam.engine.lookbehind`) or "msam" (Momentum-SAM: one
+        pass at w - rho v / ||v||, v the optimizer's momentum; k = 1).
     lookbehind_alpha: Lookbehind's alpha in (0, 1], or None for the adaptive per-tensor alpha.
     sync_ascent: under DDP, all-reduce the ascent gradients (one perturbation for all ranks).
     replay_rng: run every ascent and descent pass with the random state of the clean pass (the same
@@ -54,6 +70,17 @@ class SAMConfig:
     xsam_rho_max: float | None = None
     method: str = "sam"
     lookbehind_alpha: float | None = 0.5
+    gsam_alpha: float = 0.4
+    wsam_gamma: float = 0.9
+    wsam_decouple: bool = True
+    direction: str = "gradient"
+    friendly_sigma: float = 1.0
+    friendly_lambda: float = 0.9
+    every_n_steps: int = 1
+    reuse_alpha: float = 0.0
+    reuse_granularity: str = "global"
+    rho_schedule: str = "constant"
+    rho_min: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -87,7 +114,7 @@ class SAMConfig:
             fail("step_mult", self.step_mult, "it must be > 0")
         if self.adaptive_eta < 0:
             fail("adaptive_eta", self.adaptive_eta, "it must be >= 0")
-        for name in ("adaptive", "sync_ascent", "replay_rng", "diagnostics"):
+        for name in ("adaptive", "sync_ascent", "replay_rng", "diagnostics", "wsam_decouple"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, getattr(self, name), "it must be True or False")
         # Options that only mean something for another setting: refuse rather than ignore silently.
@@ -101,6 +128,7 @@ class SAMConfig:
         if k == 0 and self.descent in ("mean", "xsam"):
             fail("descent", self.descent, f"'{self.descent}' needs {prefix}ascent_steps >= 1")
         self._validate_xsam(fail, prefix)
+        validate_family(self, fail, prefix)
         self._validate_method(fail, prefix)
         if k == 0 and self.adaptive:
             fail("adaptive", self.adaptive, f"ASAM needs {prefix}ascent_steps >= 1")
@@ -111,16 +139,27 @@ class SAMConfig:
         alpha = self.lookbehind_alpha
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1):
             fail("lookbehind_alpha", alpha, "it must be in (0, 1], or None for the adaptive alpha")
+        if self.method != "lookbehind" and alpha != 0.5:
+            fail("lookbehind_alpha", alpha, f"it is used only by {prefix}method='lookbehind'")
         if self.method == "sam":
-            if alpha != 0.5:
-                fail("lookbehind_alpha", alpha, f"it is used only by {prefix}method='lookbehind'")
+            return
+        if self.method == "msam":
+            if self.ascent_steps != 1:
+                fail("ascent_steps", self.ascent_steps, f"{prefix}method='msam' makes one pass: it needs 1")
+            # MSAM's perturbation comes from the optimizer's momentum: no ascent pass, no descent choice
+            for name, default in (
+                ("ascent_rule", "normalized"), ("descent", "last"), ("step_mult", 1.0), ("direction", "gradient"),
+                ("every_n_steps", 1), ("sync_ascent", False), ("replay_rng", False), ("diagnostics", False),
+            ):  # fmt: skip
+                if getattr(self, name) != default:
+                    fail(name, getattr(self, name), f"{prefix}method='msam' has no ascent pass to apply it to")
             return
         if self.ascent_steps < 1:
             fail("method", self.method, f"'lookbehind' needs {prefix}ascent_steps >= 1")
         # Lookbehind has its own ascent (k steps of rho) and descent (optimizer steps on fast weights)
         for name, default in (
             ("ascent_rule", "normalized"), ("descent", "last"), ("adaptive", False), ("step_mult", 1.0),
-            ("sync_ascent", False), ("diagnostics", False),
+            ("sync_ascent", False), ("diagnostics", False), ("direction", "gradient"), ("every_n_steps", 1),
         ):  # fmt: skip
             if getattr(self, name) != default:
                 fail(name, getattr(self, name), f"{prefix}method='lookbehind' has its own ascent and descent")
@@ -164,6 +203,8 @@ class SAMConfig:
         kwargs.pop("xsam_alpha_max")
         kwargs.pop("method")
         kwargs.pop("lookbehind_alpha")
+        for name in ("every_n_steps", "reuse_alpha", "reuse_granularity", "rho_schedule", "rho_min"):
+            kwargs.pop(name)  # the trainer's (which steps are SAM steps, and their rho)
         if self.descent == "xsam":
             kwargs["xsam_alpha"] = 1.0 if self.xsam_alpha is None else float(self.xsam_alpha)  # chosen at step 1
         else:

@@ -35,6 +35,7 @@ from torch import Tensor
 from .ascent_record import AscentRecord
 from .descents import DESCENTS, LastDescent, make_descent
 from .direction_cosines import DirectionTracker
+from .directions import DIRECTIONS, make_direction
 from .gradient_norm import GradientNorm
 from .guarded import add_scaled_unless_, reset_where_, uniform
 from .rules import RULES, project_, step_size
@@ -65,6 +66,9 @@ class MultiStepAscent:
             interpolation between d_k and g_k of :mod:`hf_sam.engine.descents.xsam`).
         xsam_alpha: XSAM's alpha (>= 0), also settable between steps (the dynamic choice).
         xsam_rho_max: radius of the points the dynamic alpha choice evaluates (default 2 rho).
+        gsam_alpha, wsam_gamma, wsam_decouple: the options of the "gsam" and "wsam" descents.
+        direction: "gradient" or "friendly" (F-SAM, :mod:`hf_sam.engine.directions`), with
+            friendly_sigma and friendly_lambda.
         track_directions: also measure the cosine between successive ascent gradients and
             between the first ascent gradient and the descent gradient (keeps two more copies
             of the gradients; for diagnostics, not for speed).
@@ -88,11 +92,19 @@ class MultiStepAscent:
         track_directions: bool = False,
         xsam_alpha: float = 1.0,
         xsam_rho_max: float | None = None,
+        gsam_alpha: float = 0.4,
+        wsam_gamma: float = 0.9,
+        wsam_decouple: bool = True,
+        direction: str = "gradient",
+        friendly_sigma: float = 1.0,
+        friendly_lambda: float = 0.9,
     ) -> None:
         if ascent_rule not in RULES:
             raise ValueError(f"ascent_rule={ascent_rule!r} is invalid: allowed values are {', '.join(RULES)}.")
         if descent not in DESCENTS:
             raise ValueError(f"descent={descent!r} is invalid: allowed values are {', '.join(DESCENTS)}.")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction={direction!r} is invalid: allowed values are {', '.join(DIRECTIONS)}.")
         if int(ascent_steps) < 1:
             raise ValueError(f"ascent_steps={ascent_steps!r} is invalid: the engine needs k >= 1.")
         if not rho > 0 or not step_mult > 0 or adaptive_eta < 0:
@@ -108,7 +120,16 @@ class MultiStepAscent:
         self.adaptive = bool(adaptive)
         self.adaptive_eta = float(adaptive_eta)
         self.descent = descent
-        self.descent_rule: LastDescent = make_descent(descent, self.rho, xsam_alpha, xsam_rho_max)
+        self.descent_rule: LastDescent = make_descent(
+            descent,
+            self.rho,
+            xsam_alpha=xsam_alpha,
+            xsam_rho_max=xsam_rho_max,
+            gsam_alpha=gsam_alpha,
+            wsam_gamma=wsam_gamma,
+            wsam_decouple=wsam_decouple,
+        )
+        self.direction = make_direction(direction, friendly_sigma, friendly_lambda)
         self.track_directions = bool(track_directions)
         self.step_size = step_size(ascent_rule, self.rho, self.ascent_steps, self.step_mult)
         self._weights: list[Tensor] = self._layout.locals(self.params)  # local shards under FSDP2
@@ -187,6 +208,7 @@ class MultiStepAscent:
             torch._foreach_add_(self._scale, self.adaptive_eta)
         self._reset_step_state()
         self.descent_rule.begin(len(self.params))
+        self.direction.begin(self._weights)
         self._directions = DirectionTracker(self._weights, self._layout) if self.track_directions else None
         self._in_step = True
 
@@ -212,6 +234,7 @@ class MultiStepAscent:
         if self._directions is not None:
             self._directions.ascent_gradient(idx, grads, i)
             self.successive_cosines = self._directions.successive
+        self.direction.adjust(i, idx, grads)  # F-SAM: g - sigma m
         if self.adaptive:
             scale = [self._scale[j] for j in idx]
             torch._foreach_mul_(grads, scale)  # u = T g
@@ -254,6 +277,7 @@ class MultiStepAscent:
             raise RuntimeError("MultiStepAscent.begin_descent() called outside begin()/restore().")
         for p in self.params:
             p.grad = None  # an ascent pass without a following ascend() leaves nothing behind
+        self.direction.end(self.record.dropped)
         if self.steps_taken >= 2 or self.record.shifted:  # a drop after a move: back to w, decided on the device
             dropped = self.record.dropped
             reset_where_(self._weights, self._backup, dropped)
@@ -338,6 +362,26 @@ class MultiStepAscent:
         finally:
             self.restore()
         return clean
+
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Call right after ``optimizer.step()``: a descent that updates the weights itself after the
+        optimizer (WSAM's decoupled sharpness term) does it here; the others do nothing."""
+        hook = getattr(self.descent_rule, "after_optimizer_step", None)
+        if hook is not None:
+            hook(optimizer, self._layout.locals(self.params))
+
+    def state_dict(self) -> dict:
+        """What the engine carries from one step to the next (F-SAM's momentum), for checkpoints."""
+        return {"direction": self.direction.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.direction.load_state_dict(state.get("direction", {}))
+
+    def set_rho(self, rho: float) -> None:
+        """A new radius from the next step on (a rho schedule); the rule's step size follows."""
+        self.rho = float(rho)
+        self.step_size = step_size(self.ascent_rule, self.rho, self.ascent_steps, self.step_mult)
+        self._step_size_t.fill_(self.step_size)
 
     # ----------------------------------------------------------------------- helpers
     def return_held_grads(self) -> None:

@@ -85,3 +85,11 @@ def reset_where_(targets: Sequence[Tensor], sources: Sequence[Tensor], flag: Ten
             weights[key] = flag.to(device=t.device, dtype=t.dtype)
         per_tensor.append(weights[key])
     torch._foreach_lerp_(list(targets), list(sources), per_tensor)
+
+
+def replace_where_(targets: Sequence[Tensor], sources: Sequence[Tensor], flag: Tensor) -> None:
+    """``targets <- sources`` if the 0-d bool ``flag`` is set, without a host read, also when
+    ``targets`` hold non-finite values (where :func:`reset_where_`'s lerp would give nan): a kernel
+    per tensor, for state updated once per step, not for the hot path."""
+    for t, s in zip(targets, sources, strict=True):
+        t.copy_(torch.where(flag.to(t.device), s, t))

@@ -106,3 +106,14 @@ def grad_like(param: Tensor, local_grad: Tensor) -> Tensor:
     return DTensor.from_local(
         local_grad, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
     )
+
+
+def per_tensor_dots(a: Sequence[Tensor], b: Sequence[Tensor], layout: ShardLayout | None = None, flags=None) -> Tensor:
+    """<a_j, b_j> for every tensor j, in float64 over all ranks: a 1-d tensor (one all-reduce for shards)."""
+    dots = torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)])
+    if layout is None or not layout.sharded:
+        return dots
+    mask = torch.tensor(flags, device=dots.device)
+    sharded = torch.where(mask, dots, torch.zeros_like(dots))
+    dist.all_reduce(sharded, group=layout.group)
+    return torch.where(mask, sharded, dots)

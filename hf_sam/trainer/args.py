@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
-from ..config import ASCENT_RULES, DESCENT_RULES, METHODS, SAMConfig
+from ..config import ASCENT_RULES, DESCENT_RULES, DIRECTIONS, GRANULARITIES, METHODS, RHO_SCHEDULES, SAMConfig
 
 
 @dataclass
@@ -45,8 +45,10 @@ class SAMArgumentsMixin:
     sam_descent: str = field(
         default="last",
         metadata={
-            "help": "Descent gradient: 'last' (at w + d_k), 'mean' (mean over w + d_1 .. w + d_k) or 'xsam' "
-            "(||g_k|| times the spherical interpolation between d_k and g_k; see --sam_xsam_alpha).",
+            "help": "Descent gradient: 'last' (at w + d_k), 'mean' (mean over w + d_1 .. w + d_k), 'xsam' "
+            "(||g_k|| times the spherical interpolation between d_k and g_k; see --sam_xsam_alpha), 'gsam' "
+            "(GSAM: g_s minus sam_gsam_alpha times the part of the clean gradient orthogonal to g_s) or 'wsam' "
+            "(WSAM: g + a (g_s - g), a = sam_wsam_gamma / (1 - sam_wsam_gamma)).",
             "choices": list(DESCENT_RULES),
         },
     )
@@ -72,12 +74,65 @@ class SAMArgumentsMixin:
     sam_xsam_rho_max: float | None = field(
         default=None, metadata={"help": "XSAM: the radius of the dynamic choice's points (default 2 * sam_rho)."}
     )
+    sam_gsam_alpha: float = field(default=0.4, metadata={"help": "GSAM's alpha (>= 0; --sam_descent gsam)."})
+    sam_wsam_gamma: float = field(
+        default=0.9, metadata={"help": "WSAM's gamma in [0, 1): the sharpness weight is gamma / (1 - gamma)."}
+    )
+    sam_wsam_decouple: bool = field(
+        default=True,
+        metadata={
+            "help": "WSAM: the optimizer steps with the clean gradient g and the weights then move by "
+            "-lr a (g_s - g) (true), or the optimizer descends with g + a (g_s - g) (false)."
+        },
+    )
+    sam_direction: str = field(
+        default="gradient",
+        metadata={
+            "help": "Ascent direction: 'gradient' or 'friendly' (F-SAM: the ascent gradient minus "
+            "sam_friendly_sigma times a momentum of the clean gradients).",
+            "choices": list(DIRECTIONS),
+        },
+    )
+    sam_friendly_sigma: float = field(default=1.0, metadata={"help": "F-SAM's sigma (>= 0)."})
+    sam_friendly_lambda: float = field(default=0.9, metadata={"help": "F-SAM's momentum lambda in [0, 1)."})
+    sam_every_n_steps: int = field(
+        default=1,
+        metadata={
+            "help": "SAM at optimizer steps 0, n, 2n, ..; one forward+backward pass at the others (LookSAM's "
+            "schedule; 1 = SAM at every step)."
+        },
+    )
+    sam_reuse_alpha: float = field(
+        default=0.0,
+        metadata={
+            "help": "LookSAM (with --sam_every_n_steps > 1): add alpha ||g|| / ||g_v|| g_v to the one-pass "
+            "steps' gradient, g_v the part of the last SAM step's g_s orthogonal to its g (0 = plain SAM every n)."
+        },
+    )
+    sam_reuse_granularity: str = field(
+        default="global",
+        metadata={
+            "help": "LookSAM's norms and cosine over the whole gradient ('global', the paper's algorithm 1) or "
+            "per parameter tensor ('tensor', its layer-wise variant).",
+            "choices": list(GRANULARITIES),
+        },
+    )
+    sam_rho_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "'constant' or 'lr' (GSAM's: rho follows the learning rate, sam_rho at its peak and "
+            "sam_rho_min at its lowest).",
+            "choices": list(RHO_SCHEDULES),
+        },
+    )
+    sam_rho_min: float = field(default=0.0, metadata={"help": "The smallest rho of --sam_rho_schedule lr."})
     sam_method: str = field(
         default="sam",
         metadata={
-            "help": "sam (multi-step SAM with the rules above) or lookbehind (Lookbehind-SAM: k ascent steps of "
+            "help": "sam (multi-step SAM with the rules above), lookbehind (Lookbehind-SAM: k ascent steps of "
             "sam_rho, an optimizer step of fast weights after each, then the weights move by "
-            "sam_lookbehind_alpha towards the fast ones).",
+            "sam_lookbehind_alpha towards the fast ones) or msam (Momentum-SAM: one pass at "
+            "w - sam_rho v/||v||, v the optimizer's momentum; k = 1).",
             "choices": list(METHODS),
         },
     )
@@ -130,6 +185,17 @@ class SAMArgumentsMixin:
             xsam_rho_max=self.sam_xsam_rho_max,
             method=self.sam_method,
             lookbehind_alpha=self.sam_lookbehind_alpha,
+            gsam_alpha=self.sam_gsam_alpha,
+            wsam_gamma=self.sam_wsam_gamma,
+            wsam_decouple=self.sam_wsam_decouple,
+            direction=self.sam_direction,
+            friendly_sigma=self.sam_friendly_sigma,
+            friendly_lambda=self.sam_friendly_lambda,
+            every_n_steps=self.sam_every_n_steps,
+            reuse_alpha=self.sam_reuse_alpha,
+            reuse_granularity=self.sam_reuse_granularity,
+            rho_schedule=self.sam_rho_schedule,
+            rho_min=self.sam_rho_min,
         )
 
 

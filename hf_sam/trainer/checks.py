@@ -23,6 +23,7 @@ def check_launch(trainer) -> None:
             "sam_ascent_steps=0."
         )
     check_xsam(trainer)
+    check_family(trainer)
     if trainer.is_fsdp_enabled:
         check_fsdp(trainer)
     elif trainer.args.fsdp:
@@ -91,6 +92,47 @@ def check_xsam(trainer) -> None:
         )
 
 
+def _uses_clean_gradient(config) -> tuple[str, str] | None:
+    """The flag and value of a method that combines the clean gradient g with later ones, if any."""
+    if config.descent in ("gsam", "wsam"):
+        return "sam_descent", config.descent
+    if config.direction == "friendly":
+        return "sam_direction", "friendly"
+    if config.every_n_steps > 1 and config.reuse_alpha > 0:
+        return "sam_reuse_alpha", str(config.reuse_alpha)
+    return None
+
+
+def check_family(trainer) -> None:
+    """GSAM, WSAM, F-SAM and LookSAM's reuse combine the clean gradient g with g_s (or keep it across
+    steps): under several processes both must be the all-ranks gradients, and fp16's changing loss scale
+    must not enter state kept across steps."""
+    config, args = trainer.sam_config, trainer.args
+    flag = _uses_clean_gradient(config)
+    if flag is not None and args.world_size > 1:
+        name, value = flag
+        if not config.sync_ascent:
+            raise ValueError(
+                f"{name}={value} with several processes needs --sam_sync_ascent true: without it the clean "
+                "gradient g is each rank's own while g_s is all-reduced, and the method would combine the two."
+            )
+        if args.gradient_accumulation_steps > 1:
+            raise ValueError(
+                f"{name}={value} with several processes does not support gradient accumulation: the gradients of "
+                "non-final micro-batches are not all-reduced, so ranks would combine different g and g_s."
+            )
+    if args.fp16 and config.direction == "friendly":
+        raise ValueError(
+            "sam_direction='friendly' does not support fp16 loss scaling: F-SAM's momentum would mix gradients "
+            "scaled by different loss scales. Use bf16 or fp32."
+        )
+    if args.fp16 and config.descent == "wsam" and config.wsam_decouple:
+        raise ValueError(
+            "sam_descent='wsam' with sam_wsam_decouple=true does not support fp16 loss scaling: its update after "
+            "the optimizer step would be loss-scaled. Use bf16, fp32 or --sam_wsam_decouple false."
+        )
+
+
 def check_fsdp(trainer) -> None:
     """FSDP2 works with a synchronized ascent and without gradient accumulation; FSDP1 does not."""
     version = getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1)
@@ -99,7 +141,7 @@ def check_fsdp(trainer) -> None:
             "SAMTrainer supports FSDP version 2 only (fully_shard, the default of transformers 5): set "
             "fsdp_config={'version': 2} or fsdp_version: 2 in the accelerate config."
         )
-    if not trainer.sam_config.sync_ascent:
+    if not trainer.sam_config.sync_ascent and trainer.sam_config.method != "msam":  # MSAM: no ascent pass
         raise ValueError(
             "SAMTrainer under FSDP needs --sam_sync_ascent true: FSDP2 leaves no per-device gradient after a "
             "backward without gradient sync, so every ascent gradient is the all-ranks gradient (one "

@@ -46,6 +46,7 @@ class LookbehindStep(TrainerCallback):
     def __init__(self, trainer) -> None:
         self.trainer = trainer
         self.pending: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None] | None = None
+        self.rho = trainer.sam_config.rho  # this step's (a rho schedule sets it)
         self.last_alphas: list[torch.Tensor] = []
 
     def run(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
@@ -62,7 +63,7 @@ class LookbehindStep(TrainerCallback):
         grad = self._take_grads(params)
         first_move = None
         for i in range(1, config.ascent_steps + 1):
-            ascend_(chain, grad, config.rho)
+            ascend_(chain, grad, self.rho)
             with torch.no_grad():
                 torch._foreach_copy_(params, chain)
             trainer._sam_pass(model, inputs, num_items_in_batch, 1.0, backward)  # g(phi'_i)

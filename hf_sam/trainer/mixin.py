@@ -8,7 +8,6 @@ only runs the ascent and descent passes inside each micro-batch's ``training_ste
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from typing import Any
@@ -22,12 +21,14 @@ from ..engine.ascent import MultiStepAscent, scaled_loss
 from ..engine.descents.xsam import alpha_grid
 from .args import SAMArgumentsMixin
 from .checks import check_launch, check_trainable_dtypes
+from .every_n import EveryNSteps
 from .launch import GradientSync
 from .lookbehind import LookbehindStep, check_lookbehind
 from .micro_batch import RandomState, SAMMicroBatch, frozen_batchnorm_stats, rolled_back
+from .msam import MomentumSAMStep, momentum_key
+from .rho_schedule import LearningRateRho
+from .sam_state import load_sam_state, save_sam_state
 from .step_metrics import SAMStepMetrics
-
-SAM_STATE_FILE = "sam_state.json"
 
 
 class _EverySAMStepRan(TrainerCallback):
@@ -46,6 +47,18 @@ class _EverySAMStepRan(TrainerCallback):
                 "override must call super().training_step() (SAM runs inside it)."
             )
         self.seen = ran
+
+
+class _AfterOptimizerStep(TrainerCallback):
+    """Right after ``optimizer.step()``, before the scheduler steps: WSAM's decoupled sharpness term."""
+
+    def __init__(self, trainer: SAMMixin) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        engine = self.trainer._sam_engine
+        if engine is not None:
+            engine.after_optimizer_step(self.trainer.optimizer)
 
 
 class SAMMixin:
@@ -89,8 +102,15 @@ class SAMMixin:
         self.sam_xsam_alpha: float | None = sam_config.xsam_alpha
         self._sam_xsam_epoch: int | None = None
         self._lookbehind: LookbehindStep | None = None
+        self._msam: MomentumSAMStep | None = MomentumSAMStep(self) if sam_config.method == "msam" else None
+        self._sam_every_n = EveryNSteps(self) if sam_config.every_n_steps > 1 else None
+        self._sam_rho_schedule = (
+            LearningRateRho(sam_config.rho, sam_config.rho_min) if sam_config.rho_schedule == "lr" else None
+        )
+        self._sam_pending_tensors: dict[str, Any] | None = None  # state read from a checkpoint, not yet bound
         if sam_config.ascent_steps >= 1:
             self.add_callback(_EverySAMStepRan(self))
+            self.add_callback(_AfterOptimizerStep(self))
             check_launch(self)
             if self.model is not None:
                 check_trainable_dtypes(self.model)
@@ -127,6 +147,10 @@ class SAMMixin:
         if self._sam_engine is None or self._sam_bound_to is not model:
             check_trainable_dtypes(model)
             self._sam_engine = MultiStepAscent(model.parameters(), **self.sam_config.engine_kwargs())
+            memory = self._sam_every_n.memory if self._sam_every_n is not None else None
+            if memory is not None:  # LookSAM: SAM's descent that also remembers g_v
+                self._sam_engine.descent_rule = memory
+            self._sam_load_pending_state(self._sam_engine)
             self._sam_bound_to = model
             self._sam_batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
             self._sam_metrics.last_logged_step = self.state.global_step
@@ -183,10 +207,23 @@ class SAMMixin:
         """
         if self.sam_config.ascent_steps == 0:
             return super().training_step(model, inputs, num_items_in_batch)
+        rho = self._sam_current_rho()
+        stock = lambda: super(SAMMixin, self).training_step(model, inputs, num_items_in_batch)  # noqa: E731
         if self._lookbehind is not None:  # another method, its own step (hf_sam.trainer.lookbehind)
-            self.sam_micro_batches_run += 1
+            self._sam_micro_batch_done(self.sam_config.ascent_steps + 1)
+            self._lookbehind.rho = rho
             return self._lookbehind.run(model, self._prepare_inputs(inputs), num_items_in_batch)
+        if self._msam is not None:  # one pass at w - rho v/||v|| (hf_sam.trainer.msam)
+            self._sam_micro_batch_done(1)
+            self._msam.rho = rho
+            return self._msam.run(model, stock)
         engine = self._sam_bind(model)
+        if self._sam_rho_schedule is not None:
+            engine.set_rho(rho)
+        every_n = self._sam_every_n
+        if every_n is not None and not every_n.full_step(self.state.global_step):  # one pass (LookSAM)
+            self._sam_micro_batch_done(1)
+            return every_n.cheap_step(engine.params, engine.layout, stock)
         inputs = self.sam_shared_inputs(model, inputs)
         extra_inputs = dict(inputs)  # before the clean pass can change the dict it is given
         config = self.sam_config
@@ -214,7 +251,9 @@ class SAMMixin:
                 f"{type(self).__name__}.training_step made no accelerator.backward() call, so SAM could not run: "
                 "a training_step override must call super().training_step() or self.accelerator.backward()."
             )
-        self.sam_micro_batches_run += 1
+        self._sam_micro_batch_done(self.sam_config.ascent_steps + 1)
+        if every_n is not None:
+            every_n.after_full_micro_batch(engine.layout)
         if choose:
             self.sam_xsam_alpha = engine.xsam_alpha
             self._sam_xsam_epoch = self._sam_epoch_index()
@@ -241,22 +280,44 @@ class SAMMixin:
         with self.compute_loss_context_manager():
             return self.compute_loss(model, dict(prepared), num_items_in_batch=num_items_in_batch).detach()
 
+    # --------------------------------------------------------- state across steps
+    def _sam_micro_batch_done(self, passes: int) -> None:
+        self.sam_micro_batches_run += 1
+        self._sam_metrics.count_passes(passes, self.state.global_step)
+
+    def _sam_current_rho(self) -> float:
+        """rho for this step: constant, or from the learning rate (sam_rho_schedule="lr")."""
+        if self._sam_rho_schedule is None:
+            return self.sam_config.rho
+        lr = self.optimizer.param_groups[0]["lr"]
+        return self._sam_rho_schedule.at(lr, self.lr_scheduler, self.state.max_steps)
+
+    def _sam_load_pending_state(self, engine: MultiStepAscent) -> None:
+        """State read from a checkpoint before the engine existed (F-SAM's m, LookSAM's g_v)."""
+        pending, self._sam_pending_tensors = self._sam_pending_tensors, None
+        if not pending:
+            return
+        if "engine" in pending:
+            engine.load_state_dict(pending["engine"])
+        if "looksam" in pending and self._sam_every_n is not None and self._sam_every_n.memory is not None:
+            self._sam_every_n.memory.load_state_dict(pending["looksam"], engine.weights)
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self._msam is not None:
+            momentum_key(optimizer)  # MSAM without a momentum: refused before any step
+        return optimizer
+
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
-        if self.sam_config.descent == "xsam" and self.args.should_save:
+        if self.sam_config.ascent_steps >= 1:
             folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            state = {"xsam_alpha": self.sam_xsam_alpha, "xsam_epoch": self._sam_xsam_epoch}
-            with open(os.path.join(folder, SAM_STATE_FILE), "w") as f:
-                json.dump(state, f)
+            save_sam_state(self, folder)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
-        # called when training resumes from ``checkpoint``: restore the chosen alpha with the RNG states
+        # called when training resumes from ``checkpoint``: restore SAM's state with the RNG states
         super()._load_rng_state(checkpoint)
-        path = os.path.join(checkpoint, SAM_STATE_FILE) if checkpoint else None
-        if path and os.path.isfile(path):
-            with open(path) as f:
-                state = json.load(f)
-            self.sam_xsam_alpha, self._sam_xsam_epoch = state["xsam_alpha"], state["xsam_epoch"]
+        load_sam_state(self, checkpoint)
 
     # ------------------------------------------------------------------- logging
     def _loss_scale(self) -> torch.Tensor | None:
@@ -267,9 +328,14 @@ class SAMMixin:
 
     def sam_log_metrics(self) -> dict[str, float]:
         """The sam/* metrics averaged since the last call (and reset)."""
-        if self._lookbehind is not None:
-            alphas = self._lookbehind.last_alphas
-            return {"sam/lookbehind_alpha": float(torch.stack(alphas).mean())} if alphas else {}
+        if self._lookbehind is not None or self._msam is not None:  # methods without the engine's record
+            out = self._sam_metrics.read_passes(self.state.global_step)
+            alphas = self._lookbehind.last_alphas if self._lookbehind is not None else None
+            if alphas:
+                out["sam/lookbehind_alpha"] = float(torch.stack(alphas).mean())
+            if self._msam is not None and self._msam.perturbation is not None:
+                out["sam/perturbation_norm"] = float(self._msam.perturbation.perturbation_norm)
+            return out
         if self._sam_engine is not None:  # the logs are read back here anyway: review the norms' precision too
             self._sam_engine.review_norm_precision()
         return self._sam_metrics.read(self.state.global_step, self.accelerator)

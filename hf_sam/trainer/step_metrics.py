@@ -29,7 +29,24 @@ class SAMStepMetrics:
         self._pending: list[AscentRecord] = []  # records not yet added to the totals
         self._skipped_warned = 0
         self.last_logged_step = 0
+        self._passes = 0  # forward+backward passes since the last log
+        self._passes_since: int | None = None  # the optimizer step they were counted from
         self._reset()
+
+    def count_passes(self, passes: int, global_step: int) -> None:
+        """A micro-batch made ``passes`` forward+backward passes (at optimizer step ``global_step``)."""
+        if self._passes_since is None:
+            self._passes_since = global_step
+        self._passes += passes
+
+    def read_passes(self, global_step: int) -> dict[str, float]:
+        """``sam/passes``: forward+backward passes per optimizer step since the last call (and reset)."""
+        if self._passes_since is None:
+            return {}
+        steps = max(global_step - self._passes_since, 1)
+        out = {"sam/passes": self._passes / steps}
+        self._passes, self._passes_since = 0, global_step
+        return out
 
     @property
     def skipped_ascents(self) -> int:
@@ -113,7 +130,7 @@ class SAMStepMetrics:
             keys = sorted(self._sums, key=lambda key: (key not in _CORE_METRICS, key))
             vec = torch.stack([torch.as_tensor(self._sums[key], dtype=torch.float64).reshape(()).cpu() for key in keys])
             if accelerator.num_processes > 1:
-                core = len(_CORE_METRICS)
+                core = sum(key in _CORE_METRICS for key in keys)
                 reduced = accelerator.reduce(vec[:core].to(accelerator.device), reduction="mean").cpu()
                 vec = torch.cat([reduced, vec[core:]])
             for key, total in zip(keys, vec.tolist(), strict=True):
@@ -123,6 +140,7 @@ class SAMStepMetrics:
                 else:
                     out[key] = total / self._counts[key]
             out["sam/sharpness"] = out["sam/loss_perturbed"] - out["sam/loss_clean"]
+        out.update(self.read_passes(global_step))
         skipped = self.skipped_ascents
         if skipped > self._skipped_warned:
             logger.warning(

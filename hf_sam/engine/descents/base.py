@@ -1,6 +1,8 @@
 """The descent protocol and SAM's own descent, the one every other descent extends.
 
 - :class:`LastDescent` (SAM): the gradient at w + d_k.
+- :class:`RewritingDescent`: a descent that rewrites g_s (XSAM, GSAM, WSAM), the accumulated
+  gradients of earlier micro-batches set aside meanwhile; :class:`CleanGradient` keeps g for it.
 
 Each descent is driven by :class:`~hf_sam.engine.ascent.MultiStepAscent` through four hooks: ``begin`` (a new step),
 ``ascent_gradient`` (each ascent step's gradient, T g under ASAM), ``before_backward`` (returns the
@@ -11,10 +13,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from ..ascent_record import AscentRecord
-from ..tensors import ShardLayout
+from ..tensors import ShardLayout, local
 
 
 class DescentContext(Protocol):
@@ -62,3 +65,59 @@ class LastDescent:
 
     def after_backward(self, engine: DescentContext) -> None:
         """After the descent backward (the descent gradient is in p.grad)."""
+
+
+class RewritingDescent(LastDescent):
+    """A descent that rewrites the descent gradient g_s of its micro-batch: the gradients accumulated
+    by earlier micro-batches stay aside during the descent backward, so that p.grad holds g_s alone;
+    :meth:`rewrite` changes it in place, then the set-aside gradients are added back (as autograd
+    would have added them)."""
+
+    def before_backward(self, engine: DescentContext) -> float | Tensor:
+        return 1.0  # the accumulated gradients stay aside: the rewrite needs g_s alone
+
+    def rewrite(self, engine: DescentContext, grads: list[Tensor]) -> None:
+        """Change the descent gradient ``grads`` (local tensors, one per parameter) in place."""
+
+    def after_backward(self, engine: DescentContext) -> None:
+        held = engine.held_grads
+        if held is None:
+            return
+        for p in engine.params:
+            if p.grad is None:  # a tensor the descent did not reach has g = 0
+                p.grad = torch.zeros_like(p)
+        grads = [local(p.grad) for p in engine.params]
+        self.rewrite(engine, grads)
+        onto = [(local(h), g) for h, g in zip(held, grads, strict=True) if h is not None]
+        if onto:  # the accumulated gradients of earlier micro-batches, as autograd would add them
+            torch._foreach_add_([h for h, _ in onto], [g for _, g in onto])
+        for p, h in zip(engine.params, held, strict=True):
+            if h is not None:
+                p.grad = h
+        engine.held_grads = None
+
+
+class CleanGradient:
+    """A copy of the first ascent gradient g_1 (the clean gradient at w), kept for a descent that
+    combines it with g_s. The engine hands it T g under ASAM: :meth:`take` divides T out again."""
+
+    def __init__(self) -> None:
+        self._copy: list[Tensor | None] | None = None
+
+    def keep(self, size: int, idx: list[int], grads: list[Tensor]) -> None:
+        """Copy the step-1 gradients ``grads`` of tensors ``idx`` (of ``size``)."""
+        copies = torch._foreach_mul(grads, 1.0) if grads else []
+        self._copy = [None] * size
+        for j, c in zip(idx, copies, strict=True):
+            self._copy[j] = c
+
+    def take(self, engine: DescentContext) -> list[Tensor]:
+        """g, one local tensor per parameter (zeros where the clean pass gave none); forgets the copy."""
+        copy, self._copy = self._copy, None
+        if copy is None:
+            raise RuntimeError("the descent needs the clean gradient: no ascent step was taken")
+        weights = engine.weights
+        g = [torch.zeros_like(w) if c is None else c for c, w in zip(copy, weights, strict=True)]
+        if engine.asam_scale is not None:
+            torch._foreach_div_(g, engine.asam_scale)
+        return g

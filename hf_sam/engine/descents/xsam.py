@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..tensors import ShardLayout, global_dot, global_norm, local
-from .base import DescentContext, LastDescent
+from .base import DescentContext, RewritingDescent
 
 ALPHA_GRID_STEP = 0.1
 
@@ -113,7 +113,7 @@ def best_alpha(
     return float(alphas[int(torch.stack(losses).argmax())])  # one host read per choice
 
 
-class XSAMDescent(LastDescent):
+class XSAMDescent(RewritingDescent):
     """XSAM's descent: p.grad <- held + ||g_k|| u(alpha), from g_k alone in p.grad and d_k = p - w."""
 
     name = "xsam"
@@ -123,25 +123,8 @@ class XSAMDescent(LastDescent):
         self.rho_max = float(rho_max)
         self.angle: Tensor | None = None  # phi of the last descent, in degrees
 
-    def before_backward(self, engine: DescentContext) -> float:
-        return 1.0  # the accumulated gradients stay aside: the combination needs g_k alone
-
-    def after_backward(self, engine: DescentContext) -> None:
-        held = engine.held_grads
-        if held is None:
-            return
-        for p in engine.params:
-            if p.grad is None:  # a tensor the descent did not reach has g = 0
-                p.grad = torch.zeros_like(p)
-        grads = [local(p.grad) for p in engine.params]
+    def rewrite(self, engine: DescentContext, grads: list[Tensor]) -> None:
         self.angle = descend_along_slerp(engine.weights, engine.backup, grads, engine.layout, self.alpha)
-        onto = [(local(h), g) for h, g in zip(held, grads, strict=True) if h is not None]
-        if onto:  # the accumulated gradients of earlier micro-batches, as autograd would add them
-            torch._foreach_add_([h for h, _ in onto], [g for _, g in onto])
-        for p, h in zip(engine.params, held, strict=True):
-            if h is not None:
-                p.grad = h
-        engine.held_grads = None
 
     def choose_alpha(self, engine: DescentContext, loss_at: Callable[[], Tensor | float], alphas: list[float]) -> float:
         """The dynamic alpha: after the descent backward (g_k in p.grad, weights at w + d_k), the alpha

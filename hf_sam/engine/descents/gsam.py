@@ -1,0 +1,46 @@
+"""GSAM's descent (Zhuang et al., ICLR 2022, "Surrogate Gap Guided Sharpness-Aware Minimization").
+
+With g the clean gradient at w and g_s the gradient at w + d_k, the descent gradient is
+
+    g_s - alpha (g - (g . g_s / ||g_s||^2) g_s)
+
+g_s minus alpha times the part of g orthogonal to g_s: descending along it lowers the perturbed loss
+while raising the clean loss less than SAM would (it shrinks the surrogate gap). Dot product and norm
+are global over all tensors and shards; everything stays on the device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ascent_record import AscentRecord
+from ..tensors import global_dot, global_norm
+from .base import CleanGradient, DescentContext, RewritingDescent
+
+
+class GSAMDescent(RewritingDescent):
+    """p.grad <- held + (1 + alpha c) g_s - alpha g, with c = g . g_s / ||g_s||^2 (0 when g_s = 0)."""
+
+    name = "gsam"
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = float(alpha)
+        self._clean = CleanGradient()
+        self._size = 0
+
+    def begin(self, size: int) -> None:
+        self._size = size
+
+    def ascent_gradient(self, step: int, idx: list[int], grads: list[Tensor], record: AscentRecord) -> None:
+        if step == 1:
+            self._clean.keep(self._size, idx, grads)
+
+    def rewrite(self, engine: DescentContext, grads: list[Tensor]) -> None:
+        g = self._clean.take(engine)
+        layout, flags = engine.layout, engine.layout.flags()
+        dot = global_dot(g, grads, layout, flags)
+        squared = global_norm(grads, layout, flags) ** 2
+        c = torch.where(squared > 0, dot / squared.clamp_min(1e-300), torch.zeros_like(dot))
+        torch._foreach_mul_(grads, (1.0 + self.alpha * c).to(device=grads[0].device, dtype=grads[0].dtype))
+        torch._foreach_add_(grads, g, alpha=-self.alpha)

@@ -1,0 +1,97 @@
+"""LookSAM's memory (Liu et al., CVPR 2022, "Towards Efficient and Scalable Sharpness-Aware
+Minimization"): SAM's descent that also keeps, from every full SAM step, the part of g_s that is
+orthogonal to the clean gradient g,
+
+    g_v = g_s - ||g_s|| cos(g, g_s) g / ||g|| = g_s - (g . g_s / ||g||^2) g,
+
+so that the cheap steps in between (one pass) can add alpha ||g|| / ||g_v|| g_v to their gradient
+(:func:`add_reuse_`). ``granularity`` "global" takes norms and the cosine over the whole vector (the
+paper's algorithm 1), "tensor" per parameter tensor (its layer-wise variant). With gradient
+accumulation g and g_s are the sums over the step's micro-batches.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ascent_record import AscentRecord
+from ..guarded import replace_where_
+from ..tensors import ShardLayout, global_dot, global_norm, per_tensor_dots
+from .base import CleanGradient, DescentContext, RewritingDescent
+
+_TINY = 1e-300
+
+
+class LookSAMDescent(RewritingDescent):
+    """SAM's descent (g_s unchanged) that sums g and g_s over the step for :meth:`finish_step`."""
+
+    name = "last"
+
+    def __init__(self, granularity: str = "global") -> None:
+        self.granularity = granularity
+        self._clean = CleanGradient()
+        self._size = 0
+        self._sums: tuple[list[Tensor], list[Tensor]] | None = None  # (sum of g, sum of g_s)
+        self.g_v: list[Tensor] | None = None  # from the last full step
+
+    def begin(self, size: int) -> None:
+        self._size = size
+
+    def ascent_gradient(self, step: int, idx: list[int], grads: list[Tensor], record: AscentRecord) -> None:
+        if step == 1:
+            self._clean.keep(self._size, idx, grads)
+
+    def rewrite(self, engine: DescentContext, grads: list[Tensor]) -> None:
+        g = self._clean.take(engine)
+        if self._sums is None:
+            self._sums = (g, torch._foreach_mul(grads, 1.0))
+        else:
+            torch._foreach_add_(self._sums[0], g)
+            torch._foreach_add_(self._sums[1], grads)
+
+    @torch.no_grad()
+    def finish_step(self, layout: ShardLayout) -> None:
+        """After the last micro-batch of a full step: g_v from the step's g and g_s."""
+        if self._sums is None:
+            return
+        g, g_s = self._sums
+        self._sums = None
+        flags = layout.flags()
+        if self.granularity == "global":
+            squared = global_norm(g, layout, flags) ** 2
+            c = global_dot(g, g_s, layout, flags) / squared.clamp_min(_TINY)
+            torch._foreach_mul_(g, c.to(device=g[0].device, dtype=g[0].dtype))
+        else:
+            squared = per_tensor_dots(g, g, layout, flags)
+            c = per_tensor_dots(g, g_s, layout, flags) / squared.clamp_min(_TINY)
+            torch._foreach_mul_(g, list(c.to(device=g[0].device, dtype=g[0].dtype).unbind()))
+        torch._foreach_sub_(g_s, g)  # g_s - c g
+        # a non-finite step (fp16 overflow) keeps the last g_v (zero before the first)
+        bad = ~torch.isfinite(global_norm(g_s, layout, flags))
+        replace_where_(g_s, self.g_v if self.g_v is not None else [torch.zeros_like(t) for t in g_s], bad)
+        self.g_v = g_s
+
+    def state_dict(self) -> dict:
+        return {"g_v": None if self.g_v is None else [t.detach().cpu() for t in self.g_v]}
+
+    def load_state_dict(self, state: dict, weights: list[Tensor]) -> None:
+        saved = state.get("g_v")
+        self.g_v = None if saved is None else [s.to(w) for s, w in zip(saved, weights, strict=True)]
+
+
+@torch.no_grad()
+def add_reuse_(grads: list[Tensor], g_v: list[Tensor], alpha: float, granularity: str, layout: ShardLayout) -> None:
+    """grads += alpha ||grads|| / ||g_v|| g_v, globally or per tensor (a zero g_v adds nothing)."""
+    flags = layout.flags()
+    if granularity == "global":
+        ratio = global_norm(grads, layout, flags) / global_norm(g_v, layout, flags).clamp_min(_TINY)
+        torch._foreach_add_(
+            grads, torch._foreach_mul(g_v, (alpha * ratio).to(device=grads[0].device, dtype=grads[0].dtype))
+        )
+        return
+    ratio = (
+        per_tensor_dots(grads, grads, layout, flags) / per_tensor_dots(g_v, g_v, layout, flags).clamp_min(_TINY)
+    ).sqrt()
+    scales = list((alpha * ratio).to(device=grads[0].device, dtype=grads[0].dtype).unbind())
+    torch._foreach_add_(grads, torch._foreach_mul(g_v, scales))

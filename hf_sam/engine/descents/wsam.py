@@ -1,0 +1,69 @@
+"""WSAM's descent (Yue et al., KDD 2023, "Sharpness-Aware Minimization Revisited: Weighted Sharpness
+as a Regularization Term").
+
+With g the clean gradient at w, g_s the gradient at w + d_k and a = gamma / (1 - gamma), WSAM
+minimizes L + a (L(w + d) - L): the sharpness is a regularizer with its own weight.
+
+- coupled: the optimizer descends with g + a (g_s - g);
+- decoupled (the default): the optimizer steps with g alone, and right after its step the weights
+  move by -lr a (g_s - g), lr the learning rate the optimizer just used for that parameter's group,
+  so that an adaptive optimizer does not precondition the sharpness term.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ascent_record import AscentRecord
+from .base import CleanGradient, DescentContext, RewritingDescent
+
+
+class WSAMDescent(RewritingDescent):
+    """Coupled: p.grad <- held + g + a (g_s - g). Decoupled: p.grad <- held + g, and (g_s - g) summed
+    over the micro-batches of the step until :meth:`after_optimizer_step` applies it."""
+
+    name = "wsam"
+
+    def __init__(self, gamma: float, decouple: bool = True) -> None:
+        self.gamma = float(gamma)
+        self.weight = self.gamma / (1.0 - self.gamma)  # a
+        self.decouple = bool(decouple)
+        self._clean = CleanGradient()
+        self._size = 0
+        self._sharpness: list[Tensor] | None = None  # decoupled: sum of (g_s - g) since the last optimizer step
+        self._params: list[Tensor] = []
+
+    def begin(self, size: int) -> None:
+        self._size = size
+
+    def ascent_gradient(self, step: int, idx: list[int], grads: list[Tensor], record: AscentRecord) -> None:
+        if step == 1:
+            self._clean.keep(self._size, idx, grads)
+
+    def rewrite(self, engine: DescentContext, grads: list[Tensor]) -> None:
+        g = self._clean.take(engine)
+        if not self.decouple:  # g + a (g_s - g) = a g_s + (1 - a) g
+            torch._foreach_mul_(grads, self.weight)
+            torch._foreach_add_(grads, g, alpha=1.0 - self.weight)
+            return
+        torch._foreach_sub_(grads, g)  # g_s - g
+        if self._sharpness is None:
+            self._sharpness = torch._foreach_mul(grads, 1.0)
+        else:
+            torch._foreach_add_(self._sharpness, grads)
+        torch._foreach_copy_(grads, g)
+        self._params = engine.params
+
+    @torch.no_grad()
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer, weights: list[Tensor]) -> None:
+        """Decoupled: w -= lr a (g_s - g) for every parameter, with its group's learning rate."""
+        if self._sharpness is None:
+            return
+        where = {id(p): j for j, p in enumerate(self._params)}
+        for group in optimizer.param_groups:
+            pairs = [(weights[where[id(p)]], self._sharpness[where[id(p)]]) for p in group["params"] if id(p) in where]
+            if pairs:
+                lr = float(group["lr"])
+                torch._foreach_add_([w for w, _ in pairs], [s for _, s in pairs], alpha=-lr * self.weight)
+        self._sharpness = None

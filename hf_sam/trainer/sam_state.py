@@ -1,0 +1,65 @@
+"""What SAM carries across optimizer steps, saved with the Trainer's checkpoints and read back on
+resume: XSAM's chosen alpha (JSON), the rho schedule's bounds (JSON), F-SAM's momentum and LookSAM's
+g_v (tensors, one file per process: under FSDP2 each rank holds its own shards)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+SAM_STATE_FILE = "sam_state.json"
+
+
+def tensor_state_file(folder: str, rank: int) -> str:
+    return os.path.join(folder, f"sam_state_rank{rank}.pt")
+
+
+def save_sam_state(trainer: Any, folder: str) -> None:
+    """Write SAM's state into the checkpoint ``folder`` (the JSON part on the main process only)."""
+    config = trainer.sam_config
+    state: dict[str, Any] = {}
+    if config.descent == "xsam":
+        state.update(xsam_alpha=trainer.sam_xsam_alpha, xsam_epoch=trainer._sam_xsam_epoch)
+    if trainer._sam_rho_schedule is not None and trainer._sam_rho_schedule.bounds is not None:
+        state["rho_lr_bounds"] = list(trainer._sam_rho_schedule.bounds)
+    if state and trainer.args.should_save:
+        with open(os.path.join(folder, SAM_STATE_FILE), "w") as f:
+            json.dump(state, f)
+    tensors = sam_tensor_state(trainer)
+    if tensors:
+        os.makedirs(folder, exist_ok=True)
+        torch.save(tensors, tensor_state_file(folder, trainer.args.process_index))
+
+
+def sam_tensor_state(trainer: Any) -> dict[str, Any]:
+    """F-SAM's momentum and LookSAM's g_v, as CPU tensors (empty when the run has none)."""
+    out: dict[str, Any] = {}
+    engine = trainer._sam_engine
+    if engine is not None and trainer.sam_config.direction != "gradient":
+        out["engine"] = engine.state_dict()
+    elif trainer._sam_pending_tensors and "engine" in trainer._sam_pending_tensors:
+        out["engine"] = trainer._sam_pending_tensors["engine"]  # loaded, not yet bound
+    every_n = trainer._sam_every_n
+    if every_n is not None and every_n.memory is not None and every_n.memory.g_v is not None:
+        out["looksam"] = every_n.memory.state_dict()
+    return out
+
+
+def load_sam_state(trainer: Any, checkpoint: str | None) -> None:
+    """Read SAM's state back from ``checkpoint``; the tensors wait for the engine to be bound."""
+    if not checkpoint:
+        return
+    path = os.path.join(checkpoint, SAM_STATE_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            state = json.load(f)
+        if "xsam_alpha" in state:
+            trainer.sam_xsam_alpha, trainer._sam_xsam_epoch = state["xsam_alpha"], state["xsam_epoch"]
+        if "rho_lr_bounds" in state and trainer._sam_rho_schedule is not None:
+            trainer._sam_rho_schedule.bounds = tuple(state["rho_lr_bounds"])
+    tensors = tensor_state_file(checkpoint, trainer.args.process_index)
+    if os.path.isfile(tensors):
+        trainer._sam_pending_tensors = torch.load(tensors, weights_only=True)
