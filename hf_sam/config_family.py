@@ -49,11 +49,12 @@ def validate_family(config: Any, fail: Fail, prefix: str) -> None:
         fail("direction", "friendly", f"F-SAM's direction composes with {p}descent='last' only, not {config.descent!r}")
     if config.every_n_steps > 1:
         for name, allowed in (("descent", "last"), ("direction", "gradient"), ("method", "sam")):
-            if getattr(config, name) != allowed:
+            value = getattr(config, name)
+            if value != allowed:
                 fail(
                     "every_n_steps",
                     config.every_n_steps,
-                    f"SAM every n steps (LookSAM) runs {p}{name}={allowed!r} steps only, not {getattr(config, name)!r}",
+                    f"SAM every n steps (LookSAM) runs {p}{name}={allowed!r} steps only, not {p}{name}={value!r}",
                 )
     if config.rho_schedule == "lr" and config.rho_min > config.rho:
         fail("rho_min", config.rho_min, f"it must be <= {p}rho ({config.rho})")
