@@ -20,6 +20,64 @@ RULES = ("normalized", "projected", "accumulated")
 CONFIGS = list(itertools.product(RULES, (1, 2, 3), (False, True), ("last", "mean")))
 
 
+# the SAM family on shards: three optimizer steps (SGD, momentum 0.9) on the same weights everywhere
+FAMILY = {
+    "gsam-k2-asam": dict(ascent_steps=2, descent="gsam", adaptive=True),
+    "wsam-decoupled": dict(descent="wsam"),
+    "friendly-k2": dict(ascent_steps=2, direction="friendly"),
+    "looksam-tensor": dict(every_n_steps=2, reuse_alpha=0.7, reuse_granularity="tensor"),
+    "msam": dict(method="msam"),
+}
+FAMILY_STEPS = 3
+
+
+def family_batches(rank):
+    rows = make_data(12 * FAMILY_STEPS, seed=11)
+    return [batch_of(rows[t * 12 + rank * 6 : t * 12 + rank * 6 + 6]) for t in range(FAMILY_STEPS)]
+
+
+def run_family(name, mesh, rank):
+    """The trainer's use of the engine, by hand: SAM steps (with LookSAM's memory and reuse on its
+    steps), MSAM's one pass at w - rho v/||v||, WSAM's update after the optimizer step."""
+    from hf_sam.engine.descents.looksam import LookSAMDescent, add_reuse_
+    from hf_sam.engine.momentum import MomentumPerturbation
+    from hf_sam.engine.tensors import local
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    for layer in (model.fc1, model.fc2, model):
+        fully_shard(layer, mesh=mesh)
+    start = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+    config = SAMConfig(rho=0.3, **FAMILY[name])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    engine = MultiStepAscent(model.parameters(), **config.engine_kwargs()) if config.method == "sam" else None
+    memory = LookSAMDescent(config.reuse_granularity) if config.reuse_alpha > 0 else None
+    if memory is not None:
+        engine.descent_rule = memory
+    for t, (x, y) in enumerate(family_batches(rank)):
+        loss = lambda x=x, y=y: F.cross_entropy(model(x)["logits"], y)  # noqa: E731
+        if config.method == "msam":
+            perturbation = MomentumPerturbation(model.parameters(), config.rho)
+            state = optimizer.state
+            perturbation.begin([state[p].get("momentum_buffer") if p in state else None for p in model.parameters()])
+            loss().backward()
+            perturbation.restore()
+        elif t % config.every_n_steps == 0:
+            engine.step(loss)
+            if memory is not None:
+                memory.finish_step(engine.layout)
+        else:
+            loss().backward()
+            if memory is not None and memory.g_v is not None:
+                add_reuse_([local(p.grad) for p in engine.params], memory.g_v, config.reuse_alpha,
+                           config.reuse_granularity, engine.layout)  # fmt: skip
+        optimizer.step()
+        if engine is not None:
+            engine.after_optimizer_step(optimizer)
+        optimizer.zero_grad()
+    return {"start": start, "end": {n: p.full_tensor().clone() for n, p in model.named_parameters()}}
+
+
 def main():
     out_dir = sys.argv[1]
     torch.set_num_threads(1)
@@ -69,8 +127,10 @@ def main():
     }
     for p in model.parameters():
         p.grad = None
+    family = {name: run_family(name, mesh, rank) for name in FAMILY}
     torch.save(
         {
+            "family": family,
             "skipped": skipped,
             "results": results,
             "x": x,
