@@ -38,14 +38,11 @@ from .direction_cosines import DirectionTracker
 from .directions import DIRECTIONS, make_direction
 from .gradient_norm import GradientNorm
 from .guarded import add_scaled_unless_, reset_where_, uniform
+from .plain_loop import run_step, scaled_loss
 from .rules import RULES, project_, step_size
 from .tensors import ShardLayout, global_norm, local
 
-
-def scaled_loss(loss: Tensor, factor: float | Tensor) -> Tensor:
-    """``loss * factor``, skipping the multiplication for a plain 1 (a tensor factor is never compared:
-    that would read it back to the host)."""
-    return loss if isinstance(factor, float) and factor == 1.0 else loss * factor
+__all__ = ["MultiStepAscent", "scaled_loss"]
 
 
 class MultiStepAscent:
@@ -346,22 +343,7 @@ class MultiStepAscent:
         ``loss.backward()`` (pass ``accelerator.backward`` under accelerate). The descent
         gradient is added to p.grad; call the optimizer afterwards. Returns the loss at w.
         """
-        backward = backward or (lambda loss: loss.backward())
-        self.begin()
-        try:
-            clean = None
-            for _ in range(self.ascent_steps):  # all k passes: whether to stop is not read from the device
-                loss = compute_loss()
-                backward(loss)
-                if clean is None:
-                    clean = loss.detach()
-                self.ascend()
-            factor = self.begin_descent()
-            backward(scaled_loss(compute_loss(), factor))
-            self.end_descent()
-        finally:
-            self.restore()
-        return clean
+        return run_step(self, compute_loss, backward)
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Call right after ``optimizer.step()``: a descent that updates the weights itself after the
