@@ -81,7 +81,8 @@ TASKS: dict[str, TaskSpec] = {
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """An optimizer setting: k ascent steps with a rule, descent and ASAM switch."""
+    """An optimizer setting: k ascent steps with a rule, descent, direction and ASAM switch, or a
+    whole-step method (Lookbehind, MSAM, SAM every n steps with LookSAM's reuse)."""
 
     name: str
     ascent_steps: int
@@ -89,45 +90,79 @@ class MethodSpec:
     descent: str = "last"
     adaptive: bool = False
     xsam_alpha: float | None = None  # descent "xsam": fixed alpha, or None for the dynamic choice
-    method: str = "sam"  # or "lookbehind" (Lookbehind-SAM with alpha LOOKBEHIND_ALPHA)
+    method: str = "sam"  # or "lookbehind" (Lookbehind-SAM with alpha LOOKBEHIND_ALPHA), or "msam"
+    direction: str = "gradient"  # or "friendly" (F-SAM)
+    every_n_steps: int = 1
+    reuse_alpha: float = 0.0  # LookSAM's alpha on the steps between SAM steps
 
     @property
     def family(self) -> str:
-        """What a plot line is: the rule, or the variant for mean/ASAM/XSAM."""
+        """What a plot line is: the rule, or the variant for mean/ASAM/XSAM and the SAM family."""
         if self.ascent_steps == 0:
             return "adamw"
-        if self.method == "lookbehind":
-            return "lookbehind"
+        if self.method in ("lookbehind", "msam"):
+            return self.method
+        if self.every_n_steps > 1:
+            return "looksam" if self.reuse_alpha > 0 else "every-n"
+        if self.direction == "friendly":
+            return "friendly"
         if self.adaptive:
             return "asam"
-        if self.descent in ("mean", "xsam"):
+        if self.descent in ("mean", "xsam", "gsam", "wsam"):
             return self.descent if self.xsam_alpha is None else "xsam-fixed"
         return self.ascent_rule
+
+    @property
+    def passes_per_step(self) -> float:
+        """Forward+backward passes per optimizer step on average: k + 1 for SAM, 1 + k/n for SAM every n
+        steps (LookSAM), 1 for MSAM and for plain training."""
+        if self.ascent_steps == 0 or self.method == "msam":
+            return 1.0
+        return 1.0 + self.ascent_steps / self.every_n_steps
 
 
 # XSAM's fixed-alpha variant: halfway between descending along the ascent (0) and SAM's descent (1)
 XSAM_FIXED_ALPHA = 0.5
-_METHOD = re.compile(r"^(normalized|projected|accumulated|mean|asam|xsam|xsam-fixed|lookbehind)-k(\d+)$")
+# LookSAM's weight of the reused direction (the paper's and pytorch_optimizer's 0.7)
+LOOKSAM_ALPHA = 0.7
+_KINDS = "normalized|projected|accumulated|mean|asam|xsam|xsam-fixed|lookbehind|gsam|wsam|friendly"
+_METHOD = re.compile(rf"^({_KINDS})-k(\d+)$")
+_EVERY_N = re.compile(r"^(looksam|every)-n(\d+)-k(\d+)$")
 
 
 def parse_method(name: str) -> MethodSpec:
-    """adamw (k=0), sam (k=1), {normalized,projected,accumulated,mean,asam,xsam,xsam-fixed}-k<N>.
+    """adamw (k=0), sam (k=1), msam (Momentum-SAM, one pass), {normalized,projected,accumulated,mean,
+    asam,xsam,xsam-fixed,lookbehind,gsam,wsam,friendly}-k<N>, looksam-n<M>-k<N> and every-n<M>-k<N>.
 
     xsam: normalized ascent, XSAM descent with the dynamic alpha; xsam-fixed: alpha 0.5;
-    lookbehind: Lookbehind-SAM with alpha 0.5 (the paper's fixed alpha)."""
+    lookbehind: Lookbehind-SAM with alpha 0.5 (the paper's fixed alpha); gsam, wsam: those descents
+    with their defaults; friendly: F-SAM's direction; looksam-nM-kN: SAM with k steps every M
+    optimizer steps and LookSAM's reuse (alpha 0.7) in between; every-nM-kN: the same without reuse."""
     if name == "adamw":
         return MethodSpec(name, 0)
     if name == "sam":
         return MethodSpec(name, 1)
+    if name == "msam":
+        return MethodSpec(name, 1, method="msam")
+    every = _EVERY_N.match(name)
+    if every:
+        n, k = int(every.group(2)), int(every.group(3))
+        if n < 2 or k < 1:
+            raise ValueError(f"Method {name!r}: n must be >= 2 and k >= 1.")
+        return MethodSpec(name, k, every_n_steps=n, reuse_alpha=LOOKSAM_ALPHA if every.group(1) == "looksam" else 0.0)
     match = _METHOD.match(name)
     if not match:
         raise ValueError(
-            f"Unknown method {name!r}: use adamw, sam, or "
-            "normalized|projected|accumulated|mean|asam|xsam|xsam-fixed|lookbehind-k<N>."
+            f"Unknown method {name!r}: use adamw, sam, msam, {_KINDS.replace('|', '|')}-k<N>, "
+            "looksam-n<M>-k<N> or every-n<M>-k<N>."
         )
     kind, k = match.group(1), int(match.group(2))
     if k < 1:
         raise ValueError(f"Method {name!r}: k must be >= 1.")
+    if kind in ("gsam", "wsam"):
+        return MethodSpec(name, k, descent=kind)
+    if kind == "friendly":
+        return MethodSpec(name, k, direction="friendly")
     if kind == "mean":
         return MethodSpec(name, k, descent="mean")
     if kind == "asam":
@@ -152,6 +187,22 @@ QUICK_METHODS = [
     "xsam-fixed-k3",
     "lookbehind-k2",
 ]
+# "can a cheaper method match multi-step SAM?": every method of the family, k = 1 and 3
+FAMILY_METHODS = [
+    "adamw",
+    "sam",
+    "normalized-k3",
+    "gsam-k1",
+    "gsam-k3",
+    "wsam-k1",
+    "wsam-k3",
+    "friendly-k1",
+    "friendly-k3",
+    "looksam-n5-k1",
+    "looksam-n5-k3",
+    "every-n5-k3",
+    "msam",
+]
 PAPER_METHODS = (
     ["adamw", "sam"]
     + [f"{r}-k{k}" for r in ("normalized", "projected", "accumulated", "mean") for k in (2, 3, 5)]
@@ -162,6 +213,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
         "tasks": ["digits", "rotten_tomatoes"],
         "methods": QUICK_METHODS,
+        "rhos": [0.05],
+        "seeds": [0, 1, 2],
+        "budgets": ["epochs", "compute"],
+        "workers": 2,
+        "measure_examples": 256,
+        "landscape_points": 21,
+        "surface_points": 11,
+    },
+    "family": {
+        "tasks": ["digits", "rotten_tomatoes"],
+        "methods": FAMILY_METHODS,
         "rhos": [0.05],
         "seeds": [0, 1, 2],
         "budgets": ["epochs", "compute"],
@@ -187,7 +249,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 @dataclass
 class StudyConfig:
     """What the study runs. ``budgets``: "epochs" (every method the same epochs) and/or "compute"
-    (epochs scaled by 2/(k+1), so every method makes the forward+backward passes of SAM k=1)."""
+    (epochs scaled by 2 / (passes per step), so every method makes the forward+backward passes of SAM
+    k=1: 2/(k+1) for SAM, 2/(1+k/n) for SAM every n steps, 2 for MSAM and plain training)."""
 
     preset: str = "quick"
     tasks: list[str] = field(default_factory=lambda: list(PRESETS["quick"]["tasks"]))
@@ -260,7 +323,7 @@ class StudyConfig:
                 method = parse_method(method_name)
                 for rho in self.rhos if method.ascent_steps else [self.rhos[0]]:
                     for budget in self.budgets:
-                        epochs = base_epochs * (2.0 / (method.ascent_steps + 1) if budget == "compute" else 1.0)
+                        epochs = base_epochs * (2.0 / method.passes_per_step if budget == "compute" else 1.0)
                         for seed in self.seeds:
                             run = RunSpec(task, method_name, rho, seed, budget, round(epochs, 4), base_epochs)
                             seen.setdefault(run.run_id, run)
@@ -281,8 +344,8 @@ class RunSpec:
 
     def in_budget(self, budget: str) -> bool:
         """Whether this run is the method's run under ``budget`` (k=1 is in both)."""
-        k = parse_method(self.method).ascent_steps
-        want = self.base_epochs * (2.0 / (k + 1) if budget == "compute" else 1.0)
+        passes = parse_method(self.method).passes_per_step
+        want = self.base_epochs * (2.0 / passes if budget == "compute" else 1.0)
         return abs(self.epochs - round(want, 4)) < 1e-9
 
     @property

@@ -60,9 +60,12 @@ def _training_args(config: StudyConfig, run: RunSpec, output_dir: Path, spec_tra
         sam_ascent_rule=method.ascent_rule,
         sam_descent=method.descent,
         sam_adaptive=method.adaptive,
-        sam_diagnostics=method.ascent_steps >= 1 and method.method == "sam",
+        sam_diagnostics=method.ascent_steps >= 1 and method.method == "sam" and method.every_n_steps == 1,
         sam_xsam_alpha=method.xsam_alpha,
         sam_method=method.method,
+        sam_direction=method.direction,
+        sam_every_n_steps=method.every_n_steps,
+        sam_reuse_alpha=method.reuse_alpha,
     )
     return SAMTrainingArguments(**values)
 

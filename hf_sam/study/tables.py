@@ -65,3 +65,31 @@ def markdown_table(frame: pd.DataFrame, digits: int = 4) -> str:
                 cells.append(str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def pareto_points(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (task, budget, method): mean passes, mean accuracy with its 95% t interval over seeds,
+    and whether the point is on the task's Pareto front (no other point has at most its passes and a
+    higher accuracy)."""
+    from scipy import stats
+
+    rows = []
+    for (task, budget, method, family), runs in df.groupby(["task", "budget", "method", "family"], sort=False):
+        accuracy = runs["eval_accuracy"].astype(float)
+        n, mean = len(accuracy), float(accuracy.mean())
+        half = float(stats.t.ppf(0.975, n - 1) * accuracy.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+        rows.append(
+            {
+                "task": task, "budget": budget, "method": method, "family": family, "seeds": n,
+                "passes": float(runs["forward_backward_passes"].mean()), "accuracy": mean,
+                "low": mean - half, "high": mean + half,
+            }
+        )  # fmt: skip
+    points = pd.DataFrame(rows)
+    if points.empty:
+        return points.assign(on_front=[])
+    points["on_front"] = [
+        not ((other["passes"] <= row.passes) & (other["accuracy"] > row.accuracy)).any()
+        for row, other in ((row, points[points["task"] == row.task]) for row in points.itertuples())
+    ]
+    return points

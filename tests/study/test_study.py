@@ -31,6 +31,57 @@ def test_xsam_methods_parse():
     assert (lookbehind.method, lookbehind.ascent_steps, lookbehind.family) == ("lookbehind", 2, "lookbehind")
 
 
+def test_family_methods_parse_with_their_passes():
+    cases = {
+        # name: (k, family, passes per step, fields)
+        "gsam-k3": (3, "gsam", 4.0, {"descent": "gsam"}),
+        "wsam-k1": (1, "wsam", 2.0, {"descent": "wsam"}),
+        "friendly-k2": (2, "friendly", 3.0, {"direction": "friendly"}),
+        "looksam-n5-k3": (3, "looksam", 1.6, {"every_n_steps": 5, "reuse_alpha": 0.7}),
+        "every-n4-k2": (2, "every-n", 1.5, {"every_n_steps": 4, "reuse_alpha": 0.0}),
+        "msam": (1, "msam", 1.0, {"method": "msam"}),
+        "sam": (1, "normalized", 2.0, {}),
+        "adamw": (0, "adamw", 1.0, {}),
+    }
+    for name, (k, family, passes, fields) in cases.items():
+        m = parse_method(name)
+        assert (m.ascent_steps, m.family, m.passes_per_step) == (k, family, passes), name
+        assert all(getattr(m, f) == v for f, v in fields.items()), name
+    for bad in ("looksam-n1-k2", "looksam-k2", "msam-k2", "every-n3"):
+        with pytest.raises(ValueError):
+            parse_method(bad)
+    # equal compute: every method gets the passes of SAM k=1 (2 per step)
+    config = StudyConfig.from_preset("family", tasks=["digits"], seeds=[0], budgets=["compute"])
+    from hf_sam.study.grid import TASKS
+
+    base = float(TASKS["digits"].training["num_train_epochs"])
+    epochs = {r.method: r.epochs for r in config.runs()}
+    assert epochs["msam"] == base * 2 and epochs["looksam-n5-k3"] == pytest.approx(base * 2 / 1.6)
+    assert epochs["gsam-k3"] == base / 2 and epochs["sam"] == base
+
+
+def test_pareto_front():
+    import pandas as pd
+
+    from hf_sam.study.tables import pareto_points
+
+    rows = []
+    for method, passes, accs in (
+        ("cheap", 100, [0.80, 0.82]),  # the cheapest: on the front
+        ("dominated", 150, [0.79, 0.81]),  # dearer and less accurate than "cheap"
+        ("better", 200, [0.85, 0.87]),  # dearer and more accurate: on the front
+        ("costly", 400, [0.84, 0.86]),  # dominated by "better"
+    ):
+        for seed, acc in enumerate(accs):
+            rows.append({"task": "t", "budget": "epochs", "method": method, "family": "x", "seed": seed,
+                         "eval_accuracy": acc, "forward_backward_passes": passes})  # fmt: skip
+    points = pareto_points(pd.DataFrame(rows)).set_index("method")
+    assert points["on_front"].to_dict() == {"cheap": True, "dominated": False, "better": True, "costly": False}
+    # mean 0.81 of (0.80, 0.82): sd 0.01414, t(0.975, 1) = 12.706 -> half width 0.127
+    assert points.loc["cheap", "accuracy"] == pytest.approx(0.81)
+    assert points.loc["cheap", "high"] - points.loc["cheap", "accuracy"] == pytest.approx(12.7062 * 0.01, rel=1e-4)
+
+
 def test_paired_interval_matches_scipy_and_gives_the_verdict():
     from scipy import stats
 
@@ -97,7 +148,7 @@ def test_tiny_study_end_to_end_with_resume(tmp_path, monkeypatch):
             {
                 "preset": "quick",
                 "tasks": ["digits"],
-                "methods": ["adamw", "sam", "normalized-k2", "xsam-k2", "lookbehind-k2"],
+                "methods": ["adamw", "sam", "normalized-k2", "xsam-k2", "lookbehind-k2", "looksam-n2-k2", "msam"],
                 "seeds": [0, 1],
                 "budgets": ["epochs", "compute"],
                 "training_overrides": {"num_train_epochs": 0.3},
@@ -114,9 +165,15 @@ def test_tiny_study_end_to_end_with_resume(tmp_path, monkeypatch):
     assert len(results) == len(runs)
     for row in results:
         assert 0.0 <= row["eval_accuracy"] <= 1.0
-        assert row["forward_backward_passes"] == row["optimizer_steps"] * (row["ascent_steps"] + 1)
+        steps, k = row["optimizer_steps"], row["ascent_steps"]
+        if row["method"] == "msam":
+            assert row["forward_backward_passes"] == steps
+        elif row["method"] == "looksam-n2-k2":  # k + 1 passes on even steps, one on odd steps
+            assert row["forward_backward_passes"] == (steps + 1) // 2 * 3 + steps // 2
+        else:
+            assert row["forward_backward_passes"] == steps * (k + 1)
         assert row["hessian_trace"] == row["hessian_trace"]  # not NaN
-        if row["ascent_steps"] >= 1 and not row["method"].startswith("lookbehind"):  # no ascent diagnostics there
+        if row["ascent_steps"] >= 1 and row["method"] in ("sam", "normalized-k2", "xsam-k2"):  # with diagnostics
             assert row["train_sam_ascent_loss_1"] >= row["train_sam_ascent_loss_0"] - 1e-6
     report = (out / "report.md").read_text()
     for figure in ("accuracy_vs_k", "sharpness_vs_k", "ascent_losses", "landscapes", "accuracy_vs_compute"):
@@ -126,7 +183,8 @@ def test_tiny_study_end_to_end_with_resume(tmp_path, monkeypatch):
     assert "## Verdicts against SAM k=1" in report and "`xsam-k2`" in report
     xsam = [row for row in results if row["method"] == "xsam-k2"]
     assert xsam and all(0.0 <= row["train_sam_xsam_alpha"] <= 2.0 for row in xsam)
-    assert "`lookbehind-k2`" in report
+    assert "`lookbehind-k2`" in report and "`msam`" in report and "`looksam-n2-k2`" in report
+    assert "front:" in report and (out / "pareto.csv").exists()
     surfaces = [r for r in runs if "surface" in __import__("numpy").load(run_dir(out, r) / "landscape.npz")]
     assert {r.method for r in surfaces} == {"sam", "normalized-k2"}
 
