@@ -7,6 +7,10 @@ Variants, all on the same model, batch and AdamW optimizer:
   plain  SAMTrainer.training_step with k=0 (the stock Trainer step) + optimizer step
   sam    SAMTrainer.training_step with k ascent steps and a rule + optimizer step
   peer   pytorch_optimizer's SAM (k=1): first_step/second_step with a closure-free loop
+  looksam  SAMTrainer with sam_every_n_steps=5 and LookSAM's reuse, timed per cycle of 5 steps (one SAM
+         step of k ascent passes, four one-pass steps) against its own floor, cyclefloor: 5 + k passes
+         and 5 optimizer steps ((1 + k/5) passes per step on average)
+  msam   SAMTrainer with sam_method="msam": one pass per step, against the floor of k = 0
 
 After warm-up the variants are timed in rounds, each round running every variant once in a shuffled
 order, and every ratio is taken within a round (paired), so drift of the machine cancels. Rounds are
@@ -30,7 +34,6 @@ return freed tensors to the OS at once (MALLOC_MMAP_THRESHOLD_), so the RSS foll
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
@@ -43,6 +46,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from intervals import Interval, Rounds, ratio_interval  # noqa: E402
+from step_variants import CYCLE, make_variant, variant_list  # noqa: E402, F401 - make_variant: for the other scripts
 
 TRAINER_LIMIT = 1.03  # SAM <= 1.03 x (stock Trainer step + k plain passes)
 PEER_LIMIT = 1.00  # never slower than the peer at k=1
@@ -133,70 +137,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def make_variant(kind: str, model, batch, k: int, rule: str, bf16: bool, device: str):
-    """A closure running one full optimizer step of the variant."""
-    from transformers import set_seed
-
-    from hf_sam import SAMTrainer, SAMTrainingArguments
-
-    set_seed(0)
-    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    if kind == "peer":
-        from pytorch_optimizer import SAM
-
-        opt = SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-5, foreach=True)
-
-        def step():
-            with autocast:
-                loss = model(**batch).loss
-            loss.backward()
-            opt.first_step(zero_grad=True)
-            with autocast:
-                loss2 = model(**batch).loss
-            loss2.backward()
-            opt.second_step(zero_grad=True)
-
-        return step
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
-    if kind == "floor":
-
-        def step():
-            for _ in range(k + 1):
-                with autocast:
-                    loss = model(**batch).loss
-                loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return step
-    args = SAMTrainingArguments(
-        output_dir="/tmp/hf_sam_bench",
-        report_to=[],
-        use_cpu=device == "cpu",
-        sam_ascent_steps=k if kind == "sam" else 0,
-        sam_ascent_rule=rule if kind == "sam" else "normalized",
-    )
-    trainer = SAMTrainer(model=model, args=args)
-    trainer.optimizer = opt
-    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop, which this bypasses
-
-    def step():
-        with autocast:
-            trainer.training_step(model, batch)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step.trainer = trainer  # for benchmarks/profile_step.py, which times the trainer's phases
-    return step
-
-
-def variant_list(ks: list[int], rules: list[str]) -> list[tuple[str, int, str]]:
-    out = [("plain", 0, "-")] + [("floor", k, "-") for k in [0, *ks]]
-    out += [("sam", k, rule) for k in ks for rule in rules]
-    out.append(("peer", 1, "normalized"))
-    return out
-
-
 def _timer(runners: dict, device: str):
     def time_one(variant) -> float:
         _sync(device)
@@ -217,6 +157,18 @@ def ratios(rounds: Rounds, resamples: int = 4000) -> dict:
     out = {}
     for v in rounds.variants:
         kind, k, _ = v
+        if kind in ("looksam", "cyclefloor"):  # one cycle of CYCLE steps: its own floor, CYCLE stock steps + k
+            base = t[("cyclefloor", k, f"n{CYCLE}")]
+            out[v, "floor"] = ratio_interval(t[v], base, resamples=resamples)
+            if plain is not None and k in floor and 0 in floor:
+                trainer = [CYCLE * p + f - f0 for p, f, f0 in zip(plain, floor[k], floor[0], strict=True)]
+                out[v, "trainer"] = ratio_interval(t[v], trainer, resamples=resamples)
+            continue
+        if kind == "msam":  # one pass: the floor of k = 0, and the stock Trainer step itself
+            out[v, "floor"] = ratio_interval(t[v], floor[0], resamples=resamples)
+            if plain is not None:
+                out[v, "trainer"] = ratio_interval(t[v], plain, resamples=resamples)
+            continue
         if k in floor:
             out[v, "floor"] = ratio_interval(t[v], floor[k], resamples=resamples)
             if plain is not None and 0 in floor:
@@ -230,7 +182,8 @@ def ratios(rounds: Rounds, resamples: int = 4000) -> dict:
 def _target_widths(rounds: Rounds) -> list[float]:
     """The half-widths the sampling waits on: every ratio of the SAM rows."""
     # checked every few rounds while sampling: fewer resamples than the reported intervals
-    return [iv.half_width for (v, _), iv in ratios(rounds, resamples=1000).items() if v[0] == "sam"] or [0.0]
+    found = ratios(rounds, resamples=1000)
+    return [iv.half_width for (v, _), iv in found.items() if v[0] in ("sam", "looksam", "msam")] or [0.0]
 
 
 def time_case(case: Case, variants, bf16: bool, device: str, opts) -> tuple[Rounds, str]:
@@ -330,7 +283,7 @@ def _format(iv: Interval | None) -> str:
 
 def _verdicts(v, found: dict) -> dict:
     out = {}
-    if v[0] == "sam" and (v, "trainer") in found:
+    if v[0] in ("sam", "looksam", "msam") and (v, "trainer") in found:
         out[TRAINER_KEY] = found[v, "trainer"].verdict(TRAINER_LIMIT)
     if (v, "peer") in found:
         out[PEER_KEY] = found[v, "peer"].verdict(PEER_LIMIT)
@@ -356,6 +309,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--models", nargs="+", help="Only the models whose name starts with one of these.")
     parser.add_argument("--no_memory", action="store_true", help="Skip the peak-memory measurement.")
+    parser.add_argument(
+        "--no_family", action="store_true", help=f"Skip the LookSAM (n={CYCLE}, k=1 and 3) and MSAM rows."
+    )
     parser.add_argument("--json", help="Write the rows as a JSON list here.")
     args = parser.parse_args(argv)
     if args.quick:
@@ -377,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     bf16 = device == "cuda"
-    variants = variant_list(args.ks, args.rules)
+    variants = variant_list(args.ks, args.rules, family=not args.no_family)
     if importlib.util.find_spec("pytorch_optimizer") is None:
         print("# pytorch_optimizer is not installed (pip install -e '.[bench]'): no peer rows", file=sys.stderr)
         variants = [v for v in variants if v[0] != "peer"]
@@ -388,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         f"interval], rounds until every SAM half-width <= {args.target:g} or {args.time_cap:g} s"
     )
     header = (
-        f"{'model':28} {'variant':7} {'k':>2} {'rule':11} {'ms':>8} {'x floor [95%]':>21} {'x trainer [95%]':>21} "
+        f"{'model':28} {'variant':10} {'k':>2} {'rule':11} {'ms':>8} {'x floor [95%]':>21} {'x trainer [95%]':>21} "
         f"{'x peer [95%]':>21} {'<=1.03 trainer':>14} {'<=1 peer':>12} {'peak MiB':>8}"
     )
     print(header)
@@ -423,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                 row[key + "_ci95"] = None if iv is None else iv.as_list()
             rows.append(row)
             print(
-                f"{case.name:28} {kind:7} {k:>2} {rule:11} {row['ms_median']:>8.2f} {_format(got['floor']):>21} "
+                f"{case.name:28} {kind:10} {k:>2} {rule:11} {row['ms_median']:>8.2f} {_format(got['floor']):>21} "
                 f"{_format(got['trainer']):>21} {_format(got['peer']):>21} "
                 f"{verdicts.get(TRAINER_KEY, ''):>14} {verdicts.get(PEER_KEY, ''):>12} "
                 f"{'' if peak is None else f'{peak:8.1f}'}",

@@ -35,6 +35,13 @@ def test_bench_step_rows_and_ratios(tmp_path):
     assert set(sam["verdicts"]) == {"x trainer <= 1.03", *(["x peer <= 1.0"] if peer else [])}
     assert peer or sam["ratio_to_peer"] is None
     assert set(sam["verdicts"].values()) <= {"met", "missed", "not resolved"}
+    # the family's rows, each against its own floor: LookSAM per cycle of 5 steps (5 + k passes), MSAM one pass
+    assert {("looksam", 1), ("looksam", 3), ("cyclefloor", 1), ("cyclefloor", 3), ("msam", 1)} <= set(by)
+    for key in (("looksam", 1), ("looksam", 3), ("msam", 1)):
+        row = by[key]
+        assert row["ratio_to_floor"] is not None and row["ratio_to_trainer_floor"] is not None
+        assert set(row["verdicts"]) == {"x trainer <= 1.03"}
+    assert by["cyclefloor", 3]["ratio_to_floor"] == 1.0
     # the model alone is 1.2M fp32 weights (4.8 MiB): every variant's peak holds at least that
     assert all(r["peak_mib"] > 4.7 for r in rows)
 
