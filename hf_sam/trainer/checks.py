@@ -13,15 +13,12 @@ _FULL_PRECISION = (torch.float32, torch.float64)
 
 
 def check_launch(trainer) -> None:
-    """DeepSpeed, FSDP1, FSDP2 without a synchronized ascent or with gradient accumulation, and
+    """DeepSpeed and FSDP2 without a synchronized ascent or with gradient accumulation, FSDP1, and
     DataParallel: refuse with the reason and what to use instead."""
     if trainer.is_deepspeed_enabled:
-        raise ValueError(
-            "SAMTrainer does not support DeepSpeed: its engine steps the optimizer inside "
-            "backward() and ZeRO-2/3 cannot skip gradient syncs, so the ascent passes would "
-            "update and all-reduce the weights. Use DDP (accelerate launch --multi_gpu) or "
-            "sam_ascent_steps=0."
-        )
+        from .deepspeed import check_deepspeed
+
+        check_deepspeed(trainer)
     check_xsam(trainer)
     check_family(trainer)
     if trainer.is_fsdp_enabled:
@@ -109,7 +106,7 @@ def check_family(trainer) -> None:
     must not enter state kept across steps."""
     config, args = trainer.sam_config, trainer.args
     flag = _uses_clean_gradient(config)
-    if flag is not None and args.world_size > 1:
+    if flag is not None and getattr(args, "world_size", 1) > 1:
         name, value = flag
         if not config.sync_ascent:
             raise ValueError(
@@ -121,12 +118,13 @@ def check_family(trainer) -> None:
                 f"{name}={value} with several processes does not support gradient accumulation: the gradients of "
                 "non-final micro-batches are not all-reduced, so ranks would combine different g and g_s."
             )
-    if args.fp16 and config.direction == "friendly":
+    fp16 = getattr(args, "fp16", False)
+    if fp16 and config.direction == "friendly":
         raise ValueError(
             "sam_direction='friendly' does not support fp16 loss scaling: F-SAM's momentum would mix gradients "
             "scaled by different loss scales. Use bf16 or fp32."
         )
-    if args.fp16 and config.descent == "wsam" and config.wsam_decouple:
+    if fp16 and config.descent == "wsam" and config.wsam_decouple:
         raise ValueError(
             "sam_descent='wsam' with sam_wsam_decouple=true does not support fp16 loss scaling: its update after "
             "the optimizer step would be loss-scaled. Use bf16, fp32 or --sam_wsam_decouple false."

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..engine.ascent import MultiStepAscent
 from .launch import GradientSync
+from .passes import PlainPasses
 
 
 @contextlib.contextmanager
@@ -85,6 +86,7 @@ class SAMMicroBatch:
         rng: RandomState | None,
         probe: Callable[[], torch.Tensor] | None = None,
         alphas: list[float] | None = None,
+        passes: PlainPasses | None = None,
     ) -> None:
         self.engine = engine
         self.sync = sync
@@ -95,6 +97,7 @@ class SAMMicroBatch:
         self.rng = rng
         self.probe = probe  # XSAM's dynamic alpha: the loss of a forward pass at the current weights
         self.alphas = alphas
+        self.passes = passes or PlainPasses()  # where the gradients are (DeepSpeed: its own backend)
         self.ran = False
         self.clean: torch.Tensor | None = None
         self.perturbed: torch.Tensor | None = None
@@ -124,28 +127,31 @@ class SAMMicroBatch:
             put_back()
 
     def _run(self, clean: torch.Tensor, backward: Callable[[torch.Tensor], None]) -> None:
-        engine = self.engine
-        engine.begin()
+        engine, passes = self.engine, self.passes
+        ascent_backward = lambda loss: passes.ascent_backward(loss, backward)  # noqa: E731
+        passes.begin(engine)
         self.ran = True
-        backward(clean)  # the first ascent gradient, at w
+        ascent_backward(clean)  # the first ascent gradient, at w
         self.clean = clean.detach()
         self.pass_losses = [self.clean]
         after_clean = RandomState(self.rng.device) if self.rng is not None else None
         with self.side_effects(), frozen_batchnorm_stats(self.batchnorms):
             try:
-                engine.ascend()
+                passes.ascend(engine)
                 # all k passes: a dropped ascent is known on the device only; its remaining steps do not move
                 for _ in range(engine.ascent_steps - 1):
                     self._replay()
-                    self.pass_losses.append(self.run_pass(self.inputs, 1.0, backward))
-                    engine.ascend()
-                factor = engine.begin_descent()
+                    self.pass_losses.append(self.run_pass(self.inputs, 1.0, ascent_backward))
+                    passes.ascend(engine)
+                factor = passes.begin_descent(engine)
                 self._replay()
                 with self.sync.descent():
-                    self.perturbed = self.run_pass(self.inputs, factor, backward)
+                    self.perturbed = self.run_pass(
+                        self.inputs, factor, lambda loss: passes.descent_backward(loss, backward)
+                    )
                 if self.probe is not None:
                     engine.choose_xsam_alpha(self._replayed(self.probe), self.alphas)
-                engine.end_descent()
+                passes.end_descent(engine)
             finally:
                 if after_clean is not None:  # the run goes on as if only the clean pass had drawn
                     after_clean.apply()

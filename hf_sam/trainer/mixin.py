@@ -26,6 +26,7 @@ from .launch import GradientSync
 from .lookbehind import LookbehindStep, check_lookbehind
 from .micro_batch import RandomState, SAMMicroBatch, frozen_batchnorm_stats, rolled_back
 from .msam import MomentumSAMStep, momentum_key
+from .passes import PlainPasses
 from .rho_schedule import LearningRateRho
 from .sam_state import load_sam_state, save_sam_state
 from .step_metrics import SAMStepMetrics
@@ -240,12 +241,13 @@ class SAMMixin:
             rng=RandomState(engine.params[0].device) if config.replay_rng else None,
             probe=(lambda: self._sam_probe_loss(model, extra_inputs, num_items_in_batch)) if choose else None,
             alphas=alpha_grid(config.xsam_alpha_max) if choose else None,
+            passes=self._sam_passes(engine),
         )
         try:
             with self.sam_step_context(), micro.driving(self.accelerator):
                 loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
-            engine.restore()
+            micro.passes.restore(engine)
         if not micro.ran:
             raise RuntimeError(
                 f"{type(self).__name__}.training_step made no accelerator.backward() call, so SAM could not run: "
@@ -279,6 +281,15 @@ class SAMMixin:
         prepared = self._prepare_inputs(dict(inputs))
         with self.compute_loss_context_manager():
             return self.compute_loss(model, dict(prepared), num_items_in_batch=num_items_in_batch).detach()
+
+    def _sam_passes(self, engine: MultiStepAscent) -> PlainPasses:
+        """Where the passes' gradients are: autograd's p.grad, or DeepSpeed's partitions."""
+        if not self.is_deepspeed_enabled:
+            return PlainPasses()
+        from .deepspeed import DeepSpeedPasses, zero_stage
+
+        ds_engine = self.accelerator.deepspeed_engine_wrapped.engine
+        return DeepSpeedPasses(ds_engine, engine.params, zero_stage(self), rewrites=self.sam_config.descent != "last")
 
     # --------------------------------------------------------- state across steps
     def _sam_micro_batch_done(self, passes: int) -> None:

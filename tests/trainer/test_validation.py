@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import HfArgumentParser, set_seed
 
-from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments
+from hf_sam import SAMConfig, SAMTrainingArguments
 
 from ..helpers import BASE_ARGS, sam_trainer
 from ..tiny import TinyNet, make_data
@@ -118,28 +118,59 @@ def test_data_parallel_is_refused(tmp_path, monkeypatch):
         sam_trainer(tmp_path, TinyNet(), make_data(4))
 
 
-@pytest.mark.parametrize("flag,words", [("is_deepspeed_enabled", "DeepSpeed")])
-def test_deepspeed_is_refused(tmp_path, monkeypatch, flag, words):
-    # Neither can start on this CPU-only machine: let the Trainer report that it found one.
-    monkeypatch.setattr("transformers.Trainer.__init__", _with_flag(flag))
-    with pytest.raises(ValueError, match=words):
-        SAMTrainer(
-            model=TinyNet(),
-            args=SAMTrainingArguments(output_dir=str(tmp_path), **BASE_ARGS),
-            train_dataset=make_data(4),
-        )
+def _deepspeed_trainer(ds_config=None, accumulation=1, bf16=False, fp16=False, **config):
+    """The attributes the DeepSpeed checks read, as a trainer under accelerate's DeepSpeed would have them."""
+    from types import SimpleNamespace
+
+    from hf_sam import SAMConfig
+
+    plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2}, **(ds_config or {})})
+    return SimpleNamespace(
+        is_deepspeed_enabled=True,
+        is_fsdp_enabled=False,
+        accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)),
+        sam_config=SAMConfig(ascent_steps=2, **{"sync_ascent": True, **config}),
+        args=SimpleNamespace(
+            gradient_accumulation_steps=accumulation, n_gpu=1, fsdp=False, world_size=2, bf16=bf16, fp16=fp16
+        ),
+    )
 
 
-def _with_flag(flag):
-    from transformers import Trainer
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        ({"sync_ascent": False}, "needs --sam_sync_ascent true"),
+        ({"accumulation": 2}, "gradient accumulation"),
+        ({"ds_config": {"bf16": {"enabled": True}}}, "does not support bf16"),
+        ({"ds_config": {"bf16": {"enabled": "auto"}}, "bf16": True}, "does not support bf16"),
+        ({"ds_config": {"fp16": {"enabled": "auto"}}, "fp16": True}, "does not support fp16"),
+        ({"ds_config": {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}}, "offload_param"),
+        ({"descent": "xsam"}, "sam_descent='xsam'"),
+        ({"descent": "gsam"}, "sam_descent='gsam'"),
+        ({"direction": "friendly"}, "sam_direction='friendly'"),
+        ({"method": "lookbehind", "sync_ascent": True}, "sam_method='lookbehind'"),
+    ],
+)
+def test_deepspeed_set_ups_sam_cannot_make_exact_are_refused(kwargs, words):
+    from hf_sam.trainer.checks import check_launch
 
-    init = Trainer.__init__
+    if kwargs.get("method") == "lookbehind":  # Lookbehind refuses a synchronized ascent itself
+        kwargs = {"method": "lookbehind"}
+        words = "sam_method='lookbehind'"
+        trainer = _deepspeed_trainer(**kwargs, sync_ascent=False)
+        trainer.sam_config.sync_ascent = True  # past its own validation, as a user's config object could be
+    else:
+        trainer = _deepspeed_trainer(**kwargs)
+    with pytest.raises(ValueError, match=re.escape(words)):
+        check_launch(trainer)
 
-    def wrapped(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        setattr(self, flag, True)
 
-    return wrapped
+def test_deepspeed_set_ups_sam_makes_exact_are_accepted():
+    from hf_sam.trainer.checks import check_launch
+
+    for config in ({}, {"descent": "mean", "adaptive": True}, {"ascent_rule": "projected"}):
+        check_launch(_deepspeed_trainer(**config))
+    check_launch(_deepspeed_trainer(ds_config={"bf16": {"enabled": "auto"}}))  # "auto" with --bf16 off: fp32
 
 
 class _FakeFSDPTrainer:

@@ -1,0 +1,178 @@
+"""SAM under DeepSpeed ZeRO (stages 0-3): the passes backend for an engine that owns backward, the
+gradient partitions and the optimizer step.
+
+DeepSpeed's engine steps the optimizer inside accelerate's ``backward`` and keeps gradients in its own
+partitions, so each SAM pass is driven here instead (checked on DeepSpeed 0.19.8):
+
+- every pass runs ``engine.backward(loss)`` at a gradient-accumulation boundary (so that the engine
+  reduces the gradient over all ranks now; ZeRO-2 keeps non-boundary gradients in a private buffer)
+  and never ``engine.step()``, except after the descent;
+- the ascent gradient is read with ``deepspeed.utils.safe_get_full_grad`` on every rank (the full,
+  all-ranks gradient: the ascent is synchronized) and the engine's buffers are cleared with
+  ``engine.optimizer.zero_grad()``;
+- the SAM engine perturbs the parameters the forward uses (under ZeRO-3 inside
+  ``deepspeed.zero.GatheredParameters``, which writes the change back to every rank's partition); the
+  fp32 master weights of ZeRO-1/2/3 are never written;
+- after the descent backward the weights are restored bit for bit, a descent other than SAM's own
+  writes its gradient back with ``safe_set_full_grad``, and only then does ``engine.step()`` run.
+
+What this gathers, per rank and per pass: the full gradient (``safe_get_full_grad``; under ZeRO-1/2
+one all-reduce of each parameter's size), and under ZeRO-3 the full parameters for the SAM update;
+SAM's snapshot is one full fp32 copy of the trainable weights on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from ..engine.ascent import MultiStepAscent
+from .passes import Backward
+
+
+def zero_stage(trainer: Any) -> int:
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def check_deepspeed(trainer: Any) -> None:
+    """What SAM under DeepSpeed can make exact; the rest refused before training, naming the flag."""
+    config, args = trainer.sam_config, trainer.args
+    ds_config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
+    if not config.sync_ascent:
+        raise ValueError(
+            "SAMTrainer under DeepSpeed needs --sam_sync_ascent true: ZeRO reduces every backward's gradient over "
+            "all ranks (it cannot skip the sync), so the ascent is the all-ranks gradient, one perturbation for "
+            "all ranks, as --sam_sync_ascent gives under DDP."
+        )
+    if args.gradient_accumulation_steps > 1:
+        raise ValueError(
+            "SAMTrainer under DeepSpeed does not support gradient accumulation yet: every SAM pass must reduce its "
+            "gradient at an accumulation boundary, which would also reduce the earlier micro-batches'. Use "
+            "gradient_accumulation_steps=1 with a larger per-device batch."
+        )
+    for key, reason in (
+        ("fp16", "its loss scale would enter the ascent through DeepSpeed's unscaled gradient reads"),
+        ("bf16", "the parameters the forward uses are bf16, so most of a perturbation of rho/sqrt(n) rounds away"),
+    ):
+        enabled = ds_config.get(key, {}).get("enabled", False)
+        if enabled is True or (enabled == "auto" and getattr(args, key, False)):
+            raise ValueError(
+                f"SAMTrainer under DeepSpeed does not support {key} yet: {reason}. Train in fp32 under DeepSpeed, "
+                "or use DDP/FSDP2 with --bf16."
+            )
+    zero = ds_config.get("zero_optimization", {})
+    for key in ("offload_optimizer", "offload_param"):
+        if zero.get(key, {}).get("device", "none") not in ("none", None):
+            raise ValueError(f"SAMTrainer under DeepSpeed does not support ZeRO's {key} (not proven exact).")
+    for name, value, allowed in (
+        ("sam_method", config.method, ("sam",)),
+        ("sam_descent", config.descent, ("last", "mean")),
+        ("sam_direction", config.direction, ("gradient",)),
+        ("sam_every_n_steps", config.every_n_steps, (1,)),
+    ):
+        if value not in allowed:
+            raise ValueError(
+                f"{name}={value!r} is not supported under DeepSpeed yet (allowed: {', '.join(map(repr, allowed))}): "
+                "its exact rule under ZeRO's partitioned gradients is not proven."
+            )
+
+
+def _padded(param: torch.nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+    """A ZeRO-3 gradient flattened and zero-padded to whole partitions: DeepSpeed 0.19.8's
+    ``set_fp32_grad_for_param`` takes the last rank's partition with its padding from the value it is
+    given, so an unpadded value is too short on that rank."""
+    import torch.distributed as dist
+
+    size = param.ds_tensor.numel() * dist.get_world_size(group=param.ds_process_group)
+    flat = torch.zeros(size, dtype=full.dtype, device=full.device)
+    flat[: full.numel()] = full.reshape(-1)
+    return flat
+
+
+class DeepSpeedPasses:
+    """The passes of one SAM micro-batch on a DeepSpeed engine (see the module)."""
+
+    def __init__(self, ds_engine: Any, params: list[torch.nn.Parameter], stage: int, rewrites: bool) -> None:
+        self.ds_engine = ds_engine
+        self.params = params
+        self.stage = stage
+        self.rewrites = rewrites  # the descent changes g_s (mean): write the final gradient back
+        self._grads: list[torch.Tensor | None] = []
+        self._held: list[torch.Tensor | None] = []
+
+    def _gathered(self, modify: bool) -> contextlib.AbstractContextManager:
+        """ZeRO-3: the full parameters inside (written back to every partition when ``modify``)."""
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(self.params, modifier_rank=0 if modify else None)
+
+    def _backward_at_boundary(self, loss: torch.Tensor) -> list[torch.Tensor | None]:
+        """The engine's backward, reduced over all ranks now, without a step; the full gradients."""
+        from deepspeed.utils import safe_get_full_grad
+
+        self.ds_engine.set_gradient_accumulation_boundary(True)
+        self.ds_engine.backward(loss)
+        grads = [safe_get_full_grad(p) for p in self.params]  # collective: every rank calls it
+        return [None if g is None else g.detach().clone() for g in grads]
+
+    def begin(self, engine: MultiStepAscent) -> None:
+        with self._gathered(modify=False):
+            engine.begin()
+
+    def ascent_backward(self, loss: torch.Tensor, backward: Backward) -> None:
+        self._grads = self._backward_at_boundary(loss)
+        self.ds_engine.optimizer.zero_grad()  # the ascent gradient must not reach the step
+
+    def ascend(self, engine: MultiStepAscent) -> None:
+        with self._gathered(modify=True):
+            for p, g in zip(self.params, self._grads, strict=True):
+                p.grad = g
+            engine.ascend()
+        self._grads = []
+
+    def begin_descent(self, engine: MultiStepAscent) -> float | torch.Tensor:
+        with self._gathered(modify=True):
+            factor = engine.begin_descent()
+            # what the descent folded into p.grad (mean's sum) waits aside: the engine's backward fills its own buffers
+            self._held = [p.grad for p in self.params]
+            for p in self.params:
+                p.grad = None
+        return factor
+
+    def descent_backward(self, loss: torch.Tensor, backward: Backward) -> None:
+        self._grads = self._backward_at_boundary(loss)
+
+    def end_descent(self, engine: MultiStepAscent) -> None:
+        """The descent gradient as autograd would have added it, the descent's last word, the weights back
+        at w, the final gradient in the engine's partitions, then the optimizer step."""
+        from deepspeed.utils import safe_set_full_grad
+
+        with self._gathered(modify=True):
+            for p, held, g in zip(self.params, self._held, self._grads, strict=True):
+                p.grad = g if held is None else (held if g is None else held + g)
+            engine.end_descent()
+            final = [p.grad for p in self.params]
+            engine.restore()  # before the step: ZeRO-0 steps the parameters themselves
+            for p in self.params:
+                p.grad = None
+        if self.rewrites or self.stage == 0:
+            for p, g in zip(self.params, final, strict=True):
+                if g is None:
+                    continue
+                if self.stage == 0:
+                    p.grad = g  # ZeRO-0 keeps the (all-reduced) gradient in p.grad
+                elif self.stage == 3:
+                    safe_set_full_grad(p, _padded(p, g))
+                else:
+                    safe_set_full_grad(p, g)
+        self._grads, self._held = [], []
+        self.ds_engine.step()
+
+    def restore(self, engine: MultiStepAscent) -> None:
+        with self._gathered(modify=True):
+            engine.restore()

@@ -1,0 +1,134 @@
+"""Run by test_deepspeed.py under torch.distributed.run (2 gloo processes on the CPU): SAMTrainer under
+DeepSpeed ZeRO stage argv[2] for each SAM configuration of argv[3] (JSON), a few optimizer steps each;
+dumps what every rank saw, the full weights before every step and at the end, the logged norms and
+DeepSpeed's own step count, for the float64 check on the joint batch.
+
+The launch follows ../shared/TRAINER_NOTES.md ("DeepSpeed on a CPU"): accelerate picks no process group
+without CUDA, so the worker makes a gloo PartialState under ACCELERATE_USE_DEEPSPEED and the Trainer is
+told to use it (accelerator_config use_configured_state).
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback, set_seed
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
+from tests.helpers import BASE_ARGS  # noqa: E402
+from tests.tiny import TinyNet, make_data  # noqa: E402
+
+STEPS = 3
+
+
+def full_weights(model, stage):
+    """Every rank's view of the whole weights (ZeRO-3: gathered from the partitions)."""
+    import deepspeed
+
+    params = list(model.parameters())
+    names = [n.removeprefix("module.") for n, _ in model.named_parameters()]
+    context = deepspeed.zero.GatheredParameters(params) if stage == 3 else torch.no_grad()
+    with context:
+        return {n: p.detach().clone().double() for n, p in zip(names, params, strict=True)}
+
+
+class Recorder(TrainerCallback):
+    def __init__(self, stage):
+        self.stage = stage
+        self.before = []
+        self.norms = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.before.append(full_weights(model, self.stage))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "sam/grad_norm" in logs:
+            self.norms.append((logs["sam/grad_norm"], logs["sam/perturbation_norm"]))
+
+
+class SeeingTrainer(SAMTrainer):
+    """Records the micro-batches this rank trains on (the data, not the math)."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.seen.append({k: v.detach().clone() for k, v in inputs.items()})
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def ds_config(stage):
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+    }
+
+
+def train(out_dir, stage, sam, steps=STEPS, resume=None, **extra):
+    set_seed(0)
+    model = TinyNet(dtype=torch.float32)
+    recorder = Recorder(stage)
+    args = SAMTrainingArguments(
+        output_dir=out_dir,
+        **{**BASE_ARGS, "per_device_train_batch_size": 3, "max_steps": steps, **extra},
+        deepspeed=ds_config(stage),
+        accelerator_config={"use_configured_state": True},
+        sam_rho=0.3,
+        sam_sync_ascent=True,
+        **sam,
+    )
+    trainer = SeeingTrainer(
+        model=model, args=args, train_dataset=make_data(6 * steps, seed=4, dtype=torch.float32), callbacks=[recorder]
+    )
+    trainer.seen = []
+    trainer.train(resume_from_checkpoint=resume)
+    engine = trainer.accelerator.deepspeed_engine_wrapped.engine
+    result = {
+        "before": recorder.before,
+        "after": full_weights(trainer.model_wrapped, stage),
+        "batches": trainer.seen,
+        "norms": recorder.norms,
+        "engine_steps": int(engine.global_steps),
+        "trainer_steps": int(trainer.state.global_step),
+    }
+    # accelerate takes a DeepSpeed plugin only in the first Accelerator of a process: forget it (the gloo
+    # process group of the PartialState stays) so that the next configuration builds its own
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    return result
+
+
+def main():
+    from accelerate import PartialState
+
+    out_dir, stage, configs = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+    torch.set_num_threads(1)
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+    del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    rank = dist.get_rank()
+    results = [train(os.path.join(out_dir, f"run{i}"), stage, sam) for i, sam in enumerate(configs)]
+    resume = {}
+    if len(sys.argv) > 4 and sys.argv[4] == "resume":
+        common = dict(save_strategy="steps", save_steps=2)
+        straight = train(os.path.join(out_dir, "straight"), stage, {"sam_ascent_steps": 2}, steps=4, **common)
+        resumed = train(
+            os.path.join(out_dir, "straight"), stage, {"sam_ascent_steps": 2}, steps=4,
+            resume=os.path.join(out_dir, "straight", "checkpoint-2"), **common,
+        )  # fmt: skip
+        resume = {"straight": straight["after"], "resumed": resumed["after"]}
+    torch.save({"results": results, "resume": resume}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip gloo's teardown, which can abort under load
+
+
+if __name__ == "__main__":
+    main()
