@@ -176,7 +176,8 @@ def parse_method(name: str) -> MethodSpec:
     return MethodSpec(name, k, ascent_rule=kind)
 
 
-# 3 seeds for the verdicts; accumulated-k3 (shown to hurt), normalized-k5, mean-k3 and asam-k1 left to --methods
+# 3 seeds for the verdicts; accumulated-k3 (shown to hurt), normalized-k5, mean-k3 and asam-k1 left to --methods;
+# two cheap members of the family ask whether fewer passes can match multi-step SAM (the rest: --preset family)
 QUICK_METHODS = [
     "adamw",
     "sam",
@@ -186,6 +187,8 @@ QUICK_METHODS = [
     "xsam-k3",
     "xsam-fixed-k3",
     "lookbehind-k2",
+    "looksam-n5-k3",
+    "msam",
 ]
 # "can a cheaper method match multi-step SAM?": every method of the family, k = 1 and 3
 FAMILY_METHODS = [
