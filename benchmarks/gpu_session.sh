@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The one prepared run for a lent GPU: the bf16/fp16 check, the sync check, the GPU benchmark, the
-# profile of one step and the FSDP2 check, each under its own time limit so one slow part cannot eat the others; outputs under $OUT.
+# profile of one step, the FSDP2 check and the DeepSpeed ZeRO-2 check, each under its own time limit so
+# one slow part cannot eat the others; outputs under $OUT.
 #
 # Needs only torch and transformers there (hf_sam runs from the checkout). The peer comes as a wheel;
 # once, here, in the repo's root:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl pytorch-optimizer==4.1.0
+#   DS_BUILD_OPS=0 python3 -m pip wheel --no-deps -w .whl deepspeed==0.19.8 hjson==3.1.0 py-cpuinfo==9.0.0
 # then run it with the device tool: command "bash benchmarks/gpu_session.sh", carry [".whl"],
 # timeout_s 560. Record the tables in benchmarks/RESULTS.md with the date, the card and the
 # versions (versions.txt).
@@ -31,3 +33,5 @@ timeout 50 python3 benchmarks/profile_step.py --preset gpu --model bert-base --k
     tee "$out/gpu_profile.txt"
 # FSDP2 through the Trainer against the same run without FSDP (one GPU, torchrun with one process)
 timeout 100 python3 benchmarks/gpu_fsdp_check.py 2>&1 | tee "$out/gpu_fsdp_check.txt"
+# DeepSpeed ZeRO-2 through the Trainer against the same run without DeepSpeed (fp32; bf16 must be refused)
+timeout 120 python3 benchmarks/gpu_deepspeed_check.py 2>&1 | tee "$out/gpu_deepspeed_check.txt"
