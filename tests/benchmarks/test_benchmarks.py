@@ -14,7 +14,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 def test_bench_step_rows_and_ratios(tmp_path):
     out = tmp_path / "rows.json"
-    args = ["--models", "resnet", "--ks", "1", "--rules", "projected", "--rounds", "4", "--warmup", "1"]
+    args = ["--models", "resnet", "--ks", "1", "--rules", "projected", "--rounds", "4", "--warmup", "1", "--no_family"]
     subprocess.run(
         [sys.executable, "benchmarks/bench_step.py", *args, "--json", str(out)], cwd=ROOT, env=ENV, check=True
     )
@@ -35,15 +35,25 @@ def test_bench_step_rows_and_ratios(tmp_path):
     assert set(sam["verdicts"]) == {"x trainer <= 1.03", *(["x peer <= 1.0"] if peer else [])}
     assert peer or sam["ratio_to_peer"] is None
     assert set(sam["verdicts"].values()) <= {"met", "missed", "not resolved"}
-    # the family's rows, each against its own floor: LookSAM per cycle of 5 steps (5 + k passes), MSAM one pass
-    assert {("looksam", 1), ("looksam", 3), ("cyclefloor", 1), ("cyclefloor", 3), ("msam", 1)} <= set(by)
-    for key in (("looksam", 1), ("looksam", 3), ("msam", 1)):
-        row = by[key]
-        assert row["ratio_to_floor"] is not None and row["ratio_to_trainer_floor"] is not None
-        assert set(row["verdicts"]) == {"x trainer <= 1.03"}
-    assert by["cyclefloor", 3]["ratio_to_floor"] == 1.0
     # the model alone is 1.2M fp32 weights (4.8 MiB): every variant's peak holds at least that
     assert all(r["peak_mib"] > 4.7 for r in rows)
+
+
+def test_bench_step_family_rows(tmp_path):
+    """LookSAM per cycle of 5 steps against its own (5 + k)-pass floor, MSAM against the one-pass floor."""
+    out = tmp_path / "rows.json"
+    args = ["--models", "resnet", "--ks", "1", "--rules", "normalized", "--rounds", "3", "--warmup", "1", "--no_memory"]
+    subprocess.run(
+        [sys.executable, "benchmarks/bench_step.py", *args, "--json", str(out)], cwd=ROOT, env=ENV, check=True
+    )
+    by = {(r["variant"], r["k"]): r for r in json.loads(out.read_text())}
+    assert {("looksam", 1), ("looksam", 3), ("cyclefloor", 1), ("cyclefloor", 3), ("msam", 1), ("floor", 3)} <= set(by)
+    for key in (("looksam", 1), ("looksam", 3), ("msam", 1)):
+        row = by[key]
+        low, high = row["ratio_to_floor_ci95"]
+        assert low <= row["ratio_to_floor"] <= high and row["ratio_to_trainer_floor"] is not None
+        assert set(row["verdicts"]) == {"x trainer <= 1.03"}
+    assert by["cyclefloor", 3]["ratio_to_floor"] == 1.0 and by["cyclefloor", 3]["rule"] == "n5"
 
 
 def test_profile_step_splits_a_step():

@@ -32,6 +32,18 @@ def loss_of(model: torch.nn.Module, rows) -> torch.Tensor:
     return model(x, labels=y)["loss"]
 
 
+def closure_of(opt, model: torch.nn.Module, rows):
+    """Their closure: zero the gradients, the loss of ``rows``, backward."""
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model, rows)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def trainer_weights(tmp_path, model: TinyNet, data, **sam) -> list[dict]:
     """The weights after each of STEPS optimizer steps of SAMTrainer (SGD with momentum, constant lr)."""
     recorder = WeightRecorder()
@@ -125,12 +137,7 @@ def test_wsam_matches(tmp_path, decouple):
                momentum=MOMENTUM)  # fmt: skip
     want = []
     for rows in batches(data):
-
-        def closure(rows=rows):
-            opt.zero_grad()
-            loss = loss_of(theirs, rows)
-            loss.backward()
-            return loss
+        closure = closure_of(opt, theirs, rows)
 
         opt.step(closure)
         want.append(snapshot(theirs))
@@ -145,12 +152,7 @@ def test_friendly_sam_matches(tmp_path):
     opt = FriendlySAM(theirs.parameters(), torch.optim.SGD, rho=RHO, sigma=0.7, lmbda=0.6, lr=LR, momentum=MOMENTUM)
     want = []
     for rows in batches(data):
-
-        def closure(rows=rows):
-            opt.zero_grad()
-            loss = loss_of(theirs, rows)
-            loss.backward()
-            return loss
+        closure = closure_of(opt, theirs, rows)
 
         closure()
         opt.step(closure)
@@ -168,12 +170,7 @@ def test_looksam_matches(tmp_path, adaptive):
                   momentum=MOMENTUM)  # fmt: skip
     want = []
     for rows in batches(data):
-
-        def closure(rows=rows):
-            opt.zero_grad()
-            loss = loss_of(theirs, rows)
-            loss.backward()
-            return loss
+        closure = closure_of(opt, theirs, rows)
 
         closure()
         if opt.get_step() % opt.k == 0:  # a full SAM step: the perturbed pass (their step() would always make it)

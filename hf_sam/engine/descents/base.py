@@ -2,7 +2,7 @@
 
 - :class:`LastDescent` (SAM): the gradient at w + d_k.
 - :class:`RewritingDescent`: a descent that rewrites g_s (XSAM, GSAM, WSAM), the accumulated
-  gradients of earlier micro-batches set aside meanwhile; :class:`CleanGradient` keeps g for it.
+  gradients of earlier micro-batches set aside meanwhile; :class:`CleanGradientDescent` keeps g for it.
 
 Each descent is driven by :class:`~hf_sam.engine.ascent.MultiStepAscent` through four hooks: ``begin`` (a new step),
 ``ascent_gradient`` (each ascent step's gradient, T g under ASAM), ``before_backward`` (returns the
@@ -97,27 +97,32 @@ class RewritingDescent(LastDescent):
         engine.held_grads = None
 
 
-class CleanGradient:
-    """A copy of the first ascent gradient g_1 (the clean gradient at w), kept for a descent that
-    combines it with g_s. The engine hands it T g under ASAM: :meth:`take` divides T out again."""
+class CleanGradientDescent(RewritingDescent):
+    """A rewriting descent that also keeps a copy of the first ascent gradient g_1 (the clean gradient at
+    w) to combine with g_s (GSAM, WSAM, LookSAM's memory). The engine hands the hooks T g under ASAM:
+    :meth:`clean_gradient` divides T out again."""
 
-    def __init__(self) -> None:
-        self._copy: list[Tensor | None] | None = None
+    _size = 0
+    _copy: list[Tensor | None] | None = None
 
-    def keep(self, size: int, idx: list[int], grads: list[Tensor]) -> None:
-        """Copy the step-1 gradients ``grads`` of tensors ``idx`` (of ``size``)."""
+    def begin(self, size: int) -> None:
+        self._size = size
+        self._copy = None
+
+    def ascent_gradient(self, step: int, idx: list[int], grads: list[Tensor], record: AscentRecord) -> None:
+        if step != 1:
+            return
         copies = torch._foreach_mul(grads, 1.0) if grads else []
-        self._copy = [None] * size
+        self._copy = [None] * self._size
         for j, c in zip(idx, copies, strict=True):
             self._copy[j] = c
 
-    def take(self, engine: DescentContext) -> list[Tensor]:
+    def clean_gradient(self, engine: DescentContext) -> list[Tensor]:
         """g, one local tensor per parameter (zeros where the clean pass gave none); forgets the copy."""
         copy, self._copy = self._copy, None
         if copy is None:
             raise RuntimeError("the descent needs the clean gradient: no ascent step was taken")
-        weights = engine.weights
-        g = [torch.zeros_like(w) if c is None else c for c, w in zip(copy, weights, strict=True)]
+        g = [torch.zeros_like(w) if c is None else c for c, w in zip(copy, engine.weights, strict=True)]
         if engine.asam_scale is not None:
             torch._foreach_div_(g, engine.asam_scale)
         return g

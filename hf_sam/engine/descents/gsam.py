@@ -14,30 +14,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ascent_record import AscentRecord
 from ..tensors import global_dot, global_norm
-from .base import CleanGradient, DescentContext, RewritingDescent
+from .base import CleanGradientDescent, DescentContext
 
 
-class GSAMDescent(RewritingDescent):
+class GSAMDescent(CleanGradientDescent):
     """p.grad <- held + (1 + alpha c) g_s - alpha g, with c = g . g_s / ||g_s||^2 (0 when g_s = 0)."""
 
     name = "gsam"
 
     def __init__(self, alpha: float) -> None:
         self.alpha = float(alpha)
-        self._clean = CleanGradient()
-        self._size = 0
-
-    def begin(self, size: int) -> None:
-        self._size = size
-
-    def ascent_gradient(self, step: int, idx: list[int], grads: list[Tensor], record: AscentRecord) -> None:
-        if step == 1:
-            self._clean.keep(self._size, idx, grads)
 
     def rewrite(self, engine: DescentContext, grads: list[Tensor]) -> None:
-        g = self._clean.take(engine)
+        g = self.clean_gradient(engine)
         layout, flags = engine.layout, engine.layout.flags()
         dot = global_dot(g, grads, layout, flags)
         squared = global_norm(grads, layout, flags) ** 2

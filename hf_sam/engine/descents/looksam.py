@@ -15,35 +15,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ascent_record import AscentRecord
 from ..guarded import replace_where_
 from ..tensors import ShardLayout, global_dot, global_norm, per_tensor_dots
-from .base import CleanGradient, DescentContext, RewritingDescent
+from .base import CleanGradientDescent, DescentContext
 
 _TINY = 1e-300
 
 
-class LookSAMDescent(RewritingDescent):
+class LookSAMDescent(CleanGradientDescent):
     """SAM's descent (g_s unchanged) that sums g and g_s over the step for :meth:`finish_step`."""
 
     name = "last"
 
     def __init__(self, granularity: str = "global") -> None:
         self.granularity = granularity
-        self._clean = CleanGradient()
-        self._size = 0
         self._sums: tuple[list[Tensor], list[Tensor]] | None = None  # (sum of g, sum of g_s)
         self.g_v: list[Tensor] | None = None  # from the last full step
 
-    def begin(self, size: int) -> None:
-        self._size = size
-
-    def ascent_gradient(self, step: int, idx: list[int], grads: list[Tensor], record: AscentRecord) -> None:
-        if step == 1:
-            self._clean.keep(self._size, idx, grads)
-
     def rewrite(self, engine: DescentContext, grads: list[Tensor]) -> None:
-        g = self._clean.take(engine)
+        g = self.clean_gradient(engine)
         if self._sums is None:
             self._sums = (g, torch._foreach_mul(grads, 1.0))
         else:

@@ -15,11 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ascent_record import AscentRecord
-from .base import CleanGradient, DescentContext, RewritingDescent
+from .base import CleanGradientDescent, DescentContext
 
 
-class WSAMDescent(RewritingDescent):
+class WSAMDescent(CleanGradientDescent):
     """Coupled: p.grad <- held + g + a (g_s - g). Decoupled: p.grad <- held + g, and (g_s - g) summed
     over the micro-batches of the step until :meth:`after_optimizer_step` applies it."""
 
@@ -29,20 +28,11 @@ class WSAMDescent(RewritingDescent):
         self.gamma = float(gamma)
         self.weight = self.gamma / (1.0 - self.gamma)  # a
         self.decouple = bool(decouple)
-        self._clean = CleanGradient()
-        self._size = 0
         self._sharpness: list[Tensor] | None = None  # decoupled: sum of (g_s - g) since the last optimizer step
         self._params: list[Tensor] = []
 
-    def begin(self, size: int) -> None:
-        self._size = size
-
-    def ascent_gradient(self, step: int, idx: list[int], grads: list[Tensor], record: AscentRecord) -> None:
-        if step == 1:
-            self._clean.keep(self._size, idx, grads)
-
     def rewrite(self, engine: DescentContext, grads: list[Tensor]) -> None:
-        g = self._clean.take(engine)
+        g = self.clean_gradient(engine)
         if not self.decouple:  # g + a (g_s - g) = a g_s + (1 - a) g
             torch._foreach_mul_(grads, self.weight)
             torch._foreach_add_(grads, g, alpha=1.0 - self.weight)
