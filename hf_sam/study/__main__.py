@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=list(PRESETS),
         default="quick",
-        help="quick: embedded data, ~7 min on 2 CPU cores (default); paper: CIFAR-10/100 + SST-2 "
+        help="quick: embedded data, 7-11 min on 2 CPU cores (default); family: the SAM family on the same tasks; "
+        "paper: CIFAR-10/100 + SST-2 "
         "from the hub, GPU scale.",
     )
     parser.add_argument("--config", help="A YAML/JSON file of study fields (tasks, methods, rhos, seeds, ...).")
