@@ -1,0 +1,52 @@
+"""benchmarks/traffic.py counts bytes from the dispatched operators: checked on operators whose traffic is
+known by hand, then on the engine's k = 1 step, whose traffic the README states (snapshot: read w, write
+the copy; norm: read g; move: read w and g, write w; restore: read the copy, write w = 8 passes)."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from traffic import TrafficCounter  # noqa: E402
+
+from hf_sam import MultiStepAscent  # noqa: E402
+
+
+def test_counter_on_operators_of_known_traffic():
+    a, b = [torch.ones(10), torch.ones(6)], [torch.ones(10), torch.ones(6)]
+    size = 16 * 4  # bytes of one list
+    with TrafficCounter() as c:
+        torch._foreach_copy_(a, b)  # read b, write a (the destination is not read)
+    assert (c.read, c.written, c.ops) == (size, size, 1)
+    with TrafficCounter() as c:
+        torch._foreach_add_(a, b)  # read a and b, write a
+    assert (c.read, c.written) == (2 * size, size)
+    with TrafficCounter() as c:
+        out = torch._foreach_norm(a)  # read a, write two scalars
+    assert (c.read, c.written) == (size, 2 * 4) and len(out) == 2
+
+
+def test_the_engine_step_makes_eight_weight_sized_passes_at_k1():
+    torch.manual_seed(0)
+    weights = [torch.randn(300, 300, requires_grad=True), torch.randn(300, requires_grad=True)]
+    one_pass = sum(w.numel() * w.element_size() for w in weights)
+    engine = MultiStepAscent(weights, ascent_steps=1, rho=0.05)
+    loss = lambda: (weights[0].sum(1) * weights[1]).square().sum()  # noqa: E731
+    engine.step(loss)  # the first step reviews the norms' precision (one read): count the next
+    counted = {}
+    for name in ("begin", "ascend", "begin_descent", "end_descent", "restore"):
+        method = getattr(engine, name)
+
+        def counting(*args, _method=method, _name=name, **kwargs):
+            with TrafficCounter() as c:
+                result = _method(*args, **kwargs)
+            counted[_name] = (c.read + c.written) / one_pass
+            return result
+
+        setattr(engine, name, counting)
+    engine.step(loss)
+    # small scalar tensors (norms, flags, the step size) add bytes far below one pass
+    assert round(counted["begin"], 2) == 2.0 and round(counted["restore"], 2) == 2.0
+    assert round(counted["ascend"], 2) == 4.0
+    assert round(sum(counted.values()), 2) == 8.0
