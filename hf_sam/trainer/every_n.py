@@ -28,6 +28,10 @@ class EveryNSteps:
         self.granularity = config.reuse_granularity
         self.memory = LookSAMDescent(self.granularity) if self.alpha > 0 else None
 
+    def forget(self) -> None:
+        """A new run (another train() call, a model_init trial): no g_v from an earlier one."""
+        self.memory = LookSAMDescent(self.granularity) if self.alpha > 0 else None
+
     def full_step(self, global_step: int) -> bool:
         return global_step % self.n == 0
 

@@ -142,6 +142,11 @@ class SAMMixin:
         self._sam_engine = None
         self._sam_bound_to = None
         self._sam_batchnorms = []
+        # state carried across steps belongs to one run: a resumed run reads it back from its checkpoint
+        if self._sam_every_n is not None:
+            self._sam_every_n.forget()
+        if self._sam_rho_schedule is not None:
+            self._sam_rho_schedule.bounds = None
 
     def _sam_bind(self, model: nn.Module) -> MultiStepAscent:
         """The engine for the model being trained (the one training_step receives)."""
