@@ -175,18 +175,24 @@ def test_fp16_refusals(config, words):
     check_launch(_launch(fp16=True, descent="wsam", wsam_decouple=False))  # coupled: scale-invariant
 
 
-def test_a_second_train_call_starts_without_the_first_runs_state(tmp_path):
-    """LookSAM's g_v and the rho schedule's bounds belong to one run: train() twice on fresh weights gives
-    the same weights twice (model_init and hyperparameter searches call train() again)."""
-    sam = dict(sam_every_n_steps=3, sam_reuse_alpha=0.8, sam_rho_schedule="lr", sam_rho_min=0.01, sam_ascent_steps=2)
+def test_a_second_train_call_reads_its_own_learning_rate_bounds(tmp_path):
+    """The rho schedule's bounds belong to one run: a second train() call with another learning rate (a
+    hyperparameter-search trial) trains as a fresh trainer with that learning rate does."""
+    sam = dict(sam_rho_schedule="lr", sam_rho_min=0.01, sam_rho=0.3, sam_ascent_steps=2, lr_scheduler_type="linear")
     set_seed(0)
     model = TinyNet()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = sam_trainer(tmp_path, model, make_data(16), max_steps=4, lr_scheduler_type="linear", **sam)
+    trainer = sam_trainer(tmp_path / "a", model, make_data(16), max_steps=4, learning_rate=0.1, **sam)
     trainer.train()
-    first = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(start[n])
+    trainer.args.learning_rate = 0.05
+    trainer.optimizer, trainer.lr_scheduler = None, None
     trainer.train()
-    assert all(torch.equal(first[n], p) for n, p in model.named_parameters())
+    fresh = TinyNet()
+    with torch.no_grad():
+        for n, p in fresh.named_parameters():
+            p.copy_(start[n])
+    sam_trainer(tmp_path / "b", fresh, make_data(16), max_steps=4, learning_rate=0.05, **sam).train()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True))
