@@ -72,6 +72,7 @@ def check_deepspeed(trainer: Any) -> None:
         ("sam_descent", config.descent, ("last", "mean")),
         ("sam_direction", config.direction, ("gradient",)),
         ("sam_every_n_steps", config.every_n_steps, (1,)),
+        ("sam_rho_schedule", config.rho_schedule, ("constant",)),
     ):
         if value not in allowed:
             raise ValueError(

@@ -148,6 +148,7 @@ def _deepspeed_trainer(ds_config=None, accumulation=1, bf16=False, fp16=False, *
         ({"descent": "xsam"}, "sam_descent='xsam'"),
         ({"descent": "gsam"}, "sam_descent='gsam'"),
         ({"direction": "friendly"}, "sam_direction='friendly'"),
+        ({"rho_schedule": "lr"}, "sam_rho_schedule='lr'"),
         ({"method": "lookbehind", "sync_ascent": True}, "sam_method='lookbehind'"),
     ],
 )
