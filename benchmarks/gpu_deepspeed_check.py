@@ -20,6 +20,7 @@ import tempfile
 import time
 
 import torch
+from gpu_fsdp_check import MLP  # the same small classifier as the FSDP2 check
 
 CASES = {
     "normalized": dict(sam_ascent_steps=2),
@@ -33,16 +34,6 @@ ZERO2 = {
     "gradient_clipping": "auto",
     "zero_allow_untested_optimizer": True,
 }
-
-
-class MLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.GELU(), torch.nn.Linear(256, 10))
-
-    def forward(self, x, labels=None):
-        logits = self.net(x)
-        return {"logits": logits, "loss": torch.nn.functional.cross_entropy(logits, labels)}
 
 
 def worker(out: str, case: str, deepspeed: str) -> None:

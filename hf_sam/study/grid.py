@@ -224,17 +224,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "landscape_points": 21,
         "surface_points": 11,
     },
-    "family": {
-        "tasks": ["digits", "rotten_tomatoes"],
-        "methods": FAMILY_METHODS,
-        "rhos": [0.05],
-        "seeds": [0, 1, 2],
-        "budgets": ["epochs", "compute"],
-        "workers": 2,
-        "measure_examples": 256,
-        "landscape_points": 21,
-        "surface_points": 11,
-    },
     "paper": {
         "tasks": ["cifar10", "cifar100", "sst2"],
         "methods": PAPER_METHODS,
@@ -247,6 +236,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "surface_points": 21,
     },
 }
+
+# the family: the quick preset's tasks, seeds and measures with every member of the SAM family
+PRESETS["family"] = {**PRESETS["quick"], "methods": FAMILY_METHODS}
 
 
 @dataclass
