@@ -35,27 +35,17 @@ def make_variant(kind: str, model, batch, k: int, rule: str, bf16: bool, device:
 
         return step
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
-    if kind == "cyclefloor":  # CYCLE optimizer steps with k + 1 passes in the first, one in the others
+    if kind in ("floor", "cyclefloor"):  # plain passes: k + 1 in the first optimizer step, one in the others
+        floor_steps = CYCLE if kind == "cyclefloor" else 1
 
         def step():
-            for i in range(CYCLE):
+            for i in range(floor_steps):
                 for _ in range(k + 1 if i == 0 else 1):
                     with autocast:
                         loss = model(**batch).loss
                     loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-
-        return step
-    if kind == "floor":
-
-        def step():
-            for _ in range(k + 1):
-                with autocast:
-                    loss = model(**batch).loss
-                loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
 
         return step
     sam = {"sam_ascent_steps": k if kind in ("sam", "looksam", "msam") else 0}

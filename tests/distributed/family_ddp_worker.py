@@ -9,9 +9,10 @@ import sys
 import torch
 from transformers import TrainerCallback, set_seed
 
-from hf_sam import SAMTrainer, SAMTrainingArguments
+from hf_sam import SAMTrainingArguments
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tests.distributed.ddp_worker import SeeingTrainer  # noqa: E402
 from tests.helpers import BASE_ARGS  # noqa: E402
 from tests.tiny import TinyNet, make_data  # noqa: E402
 
@@ -22,16 +23,6 @@ class Recorder(TrainerCallback):
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self.before.append({n: p.detach().clone() for n, p in model.named_parameters()})
-
-
-class SeeingTrainer(SAMTrainer):
-    """Records the micro-batches this rank trains on (the data, not the math)."""
-
-    seen: list = []
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        self.seen.append({k: v.detach().clone() for k, v in inputs.items()})
-        return super().training_step(model, inputs, num_items_in_batch)
 
 
 def main():

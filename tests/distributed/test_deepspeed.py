@@ -66,6 +66,8 @@ def test_updates_match_the_synchronized_float64_reference(zero_ranks):
     stage, ranks = zero_ranks
     for index, config in enumerate(CONFIGS):
         runs = [rank["results"][index] for rank in ranks]
+        # two ranks that trained on different halves of every step's batch
+        assert len(runs) == 2 and not torch.equal(runs[0]["batches"][0]["x"], runs[1]["batches"][0]["x"])
         for name in NAMES:  # one perturbation from the all-ranks gradient: the ranks agree bit for bit
             assert torch.equal(runs[0]["after"][name], runs[1]["after"][name]), (stage, config)
         before = runs[0]["before"]

@@ -48,6 +48,8 @@ CASES = {
 def test_family_under_ddp_matches_the_joint_batch(tmp_path, case):
     sam, cfg = CASES[case]
     ranks = _launch(tmp_path, sam)
+    # two ranks that trained on different halves of every step's batch
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["batches"][0]["x"], ranks[1]["batches"][0]["x"])
     for name in NAMES:  # one perturbation and one state for all ranks: bit-identical weights
         assert torch.equal(ranks[0]["after"][name], ranks[1]["after"][name])
     start = ranks[0]["before"][0]
