@@ -10,8 +10,8 @@ import torch
 CYCLE = 5  # LookSAM's n in the benchmark: one SAM step, then CYCLE - 1 one-pass steps
 
 
-def make_variant(kind: str, model, batch, k: int, rule: str, bf16: bool, device: str):
-    """A closure running one full optimizer step of the variant."""
+def make_variant(kind: str, model, batch, k: int, rule: str, bf16: bool, device: str, **sam_args):
+    """A closure running one full optimizer step of the variant (``sam_args``: more SAMTrainingArguments)."""
     from transformers import set_seed
 
     from hf_sam import SAMTrainer, SAMTrainingArguments
@@ -48,7 +48,7 @@ def make_variant(kind: str, model, batch, k: int, rule: str, bf16: bool, device:
                 opt.zero_grad(set_to_none=True)
 
         return step
-    sam = {"sam_ascent_steps": k if kind in ("sam", "looksam", "msam") else 0}
+    sam = {"sam_ascent_steps": k if kind in ("sam", "looksam", "msam") else 0, **sam_args}
     if kind == "sam":
         sam["sam_ascent_rule"] = rule
     if kind == "looksam":

@@ -10,7 +10,11 @@ passes' own); the counts are SAM's overhead on top of them. One "pass" below = t
 bytes once (reading the weights, a gradient or the snapshot each count as one).
 
     OMP_NUM_THREADS=1 python benchmarks/traffic.py                       # resnet-small, every rule, k = 1 and 3
-    OMP_NUM_THREADS=1 python benchmarks/traffic.py --model bert-tiny --ks 1 --rules normalized
+    OMP_NUM_THREADS=1 python benchmarks/traffic.py --model bert-tiny --ks 1 --rules normalized --ways copy
+
+``--ways``: where the perturbed weights live (``sam_perturbed_weights``): "swap" (the default: a second
+buffer the parameters point at, no snapshot, no restore copy) and "copy" (a snapshot, moves in place, a
+restore copy: the way kept for FSDP2 shards, tied storage, DeepSpeed and CUDA graphs).
 """
 
 from __future__ import annotations
@@ -86,9 +90,11 @@ def _counted(store: dict, label: str, fn):
     return wrapper
 
 
-def measure(model, batch, k: int, rule: str, steps: int) -> dict[str, tuple[float, float, float, float]]:
+def measure(
+    model, batch, k: int, rule: str, steps: int, way: str = "auto"
+) -> dict[str, tuple[float, float, float, float]]:
     """Per phase, per step: (bytes read, bytes written, operators, seconds), medians over the steps."""
-    run = make_variant("sam", model, batch, k, rule, bf16=False, device="cpu")
+    run = make_variant("sam", model, batch, k, rule, bf16=False, device="cpu", sam_perturbed_weights=way)
     trainer = run.trainer
     for _ in range(2):  # the engine binds and reviews its norms' precision in the first steps
         run()
@@ -114,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ks", nargs="+", type=int, default=[1, 3])
     parser.add_argument("--rules", nargs="+", default=["normalized", "projected", "accumulated"])
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--ways", nargs="+", default=["swap", "copy"], choices=["swap", "copy"])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     chosen = [c for c in cases("cpu", "cpu") if c.name.startswith(args.model)]
@@ -125,19 +132,21 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# {chosen[0].name}: {weights / 2**20:.1f} MiB of trainable weights = one pass; medians of {args.steps} steps"
     )
-    print(f"{'rule':12} {'k':>2} {'phase':14} {'reads':>7} {'writes':>7} {'total':>7} {'ops':>6} {'ms':>8}")
-    for k in args.ks:
-        for rule in args.rules:
-            found = measure(model, batch, k, rule, args.steps)
-            total = [0.0, 0.0, 0.0, 0.0]
-            for name in PHASES:
-                read, written, ops, seconds = found.get(name, (0, 0, 0, 0.0))
-                total = [a + b for a, b in zip(total, (read, written, ops, seconds), strict=True)]
-                print(f"{rule:12} {k:>2} {name:14} {read / weights:7.2f} {written / weights:7.2f} "
-                      f"{(read + written) / weights:7.2f} {ops:6.0f} {seconds * 1000:8.2f}")  # fmt: skip
-            read, written, ops, seconds = total
-            print(f"{rule:12} {k:>2} {'SAM, all':14} {read / weights:7.2f} {written / weights:7.2f} "
-                  f"{(read + written) / weights:7.2f} {ops:6.0f} {seconds * 1000:8.2f}", flush=True)  # fmt: skip
+    head = f"{'way':5} {'rule':12} {'k':>2} {'phase':14}"
+    print(f"{head} {'reads':>7} {'writes':>7} {'total':>7} {'ops':>6} {'ms':>8}")
+    for way in args.ways:
+        for k in args.ks:
+            for rule in args.rules:
+                found = measure(model, batch, k, rule, args.steps, way)
+                total = [0.0, 0.0, 0.0, 0.0]
+                for name in PHASES:
+                    read, written, ops, seconds = found.get(name, (0, 0, 0, 0.0))
+                    total = [a + b for a, b in zip(total, (read, written, ops, seconds), strict=True)]
+                    print(f"{way:5} {rule:12} {k:>2} {name:14} {read / weights:7.2f} {written / weights:7.2f} "
+                          f"{(read + written) / weights:7.2f} {ops:6.0f} {seconds * 1000:8.2f}")  # fmt: skip
+                read, written, ops, seconds = total
+                print(f"{way:5} {rule:12} {k:>2} {'SAM, all':14} {read / weights:7.2f} {written / weights:7.2f} "
+                      f"{(read + written) / weights:7.2f} {ops:6.0f} {seconds * 1000:8.2f}", flush=True)  # fmt: skip
     return 0
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 
 from .config_family import DIRECTIONS, GRANULARITIES, RHO_SCHEDULES, validate_family
 from .engine import rules
+from .engine.moved_weights import MODES as PERTURBED_WEIGHTS
 
 ASCENT_RULES = rules.RULES
 __all__ = ["ASCENT_RULES", "DESCENT_RULES", "DIRECTIONS", "GRANULARITIES", "METHODS", "RHO_SCHEDULES", "SAMConfig"]
@@ -53,6 +54,9 @@ class SAMConfig:
         dropout masks), so that the loss difference is the perturbation's alone.
     diagnostics: log the loss and gradient norm at every ascent point and the cosines between
         the ascent and descent gradients (costs two gradient copies and a few reductions).
+    perturbed_weights: where the passes' perturbed weights live: "swap" (a second buffer the
+        parameters point at, w never written: no restore copy), "copy" (the parameters themselves,
+        after a snapshot) or "auto" (swap where it is safe; see :mod:`hf_sam.engine.moved_weights`).
     """
 
     ascent_steps: int = 1
@@ -81,6 +85,7 @@ class SAMConfig:
     reuse_granularity: str = "global"
     rho_schedule: str = "constant"
     rho_min: float = 0.0
+    perturbed_weights: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -106,6 +111,8 @@ class SAMConfig:
             fail("rho", self.rho, f"it must be > 0 when {prefix}ascent_steps >= 1")
         if self.rho < 0:
             fail("rho", self.rho, "it must be >= 0")
+        if self.perturbed_weights not in PERTURBED_WEIGHTS:
+            fail("perturbed_weights", self.perturbed_weights, f"allowed values are {', '.join(PERTURBED_WEIGHTS)}")
         if self.ascent_rule not in ASCENT_RULES:
             fail("ascent_rule", self.ascent_rule, f"allowed values are {', '.join(ASCENT_RULES)}")
         if self.descent not in DESCENT_RULES:

@@ -10,7 +10,7 @@ accelerate loop. One training step with k ascent steps is driven as::
     scale = engine.begin_descent()    # grads back in place (plus the "mean" sum); w after a drop
     (loss_fn() * scale).backward()    # descent gradient is *added* to p.grad
     engine.end_descent()              # XSAM's combination, direction diagnostics
-    engine.restore()                  # weights copied back from the snapshot
+    engine.restore()                  # the weights back at w, bit for bit
 
 or all at once with :meth:`MultiStepAscent.step`. The hot path uses foreach kernels (a
 constant number of launches per ascent step) and reads nothing back to the host: the gradient
@@ -18,6 +18,10 @@ norm, the skip of a non-finite ascent and the step size are all decided on the d
 (:mod:`hf_sam.engine.guarded`), so a GPU's launch queue never drains inside a step. A non-finite
 ascent therefore does not stop the loop: the remaining ascent passes run and leave the weights
 where they are, and the descent is at w. What the ascent did is in :attr:`record`.
+
+Where the perturbed point lives is :mod:`hf_sam.engine.moved_weights`'s choice: by default in a second
+buffer the parameters point at during the passes (w itself is never written, so there is no restore
+copy), or, where a parameter's storage must not change, in the parameters after a snapshot.
 
 FSDP2 (``fully_shard``) parameters are DTensor shards: the engine works on their local tensors
 and takes every norm over all shards (:mod:`hf_sam.engine.tensors`), so the perturbation is the one a
@@ -38,6 +42,7 @@ from .direction_cosines import DirectionTracker
 from .directions import DIRECTIONS, make_direction
 from .gradient_norm import GradientNorm
 from .guarded import add_scaled_unless_, reset_where_, uniform
+from .moved_weights import MovedWeights, choose_mode
 from .plain_loop import run_step, scaled_loss
 from .rules import RULES, project_, step_size
 from .tensors import ShardLayout, global_norm, local
@@ -69,6 +74,9 @@ class MultiStepAscent:
         track_directions: also measure the cosine between successive ascent gradients and
             between the first ascent gradient and the descent gradient (keeps two more copies
             of the gradients; for diagnostics, not for speed).
+        perturbed_weights: "swap" (the passes run on a second buffer the parameters point at),
+            "copy" (on the parameters, after a snapshot) or "auto" (swap unless unsafe: FSDP2
+            shards, parameters sharing storage); see :mod:`hf_sam.engine.moved_weights`.
 
     After each training step :attr:`record` (an :class:`~hf_sam.engine.ascent_record.AscentRecord` of
     device tensors) and ``perturbation_norm`` (||d_k||, a 0-d tensor, in the rule's norm) describe
@@ -95,6 +103,7 @@ class MultiStepAscent:
         direction: str = "gradient",
         friendly_sigma: float = 1.0,
         friendly_lambda: float = 0.9,
+        perturbed_weights: str = "auto",
     ) -> None:
         if ascent_rule not in RULES:
             raise ValueError(f"ascent_rule={ascent_rule!r} is invalid: allowed values are {', '.join(RULES)}.")
@@ -106,7 +115,8 @@ class MultiStepAscent:
             raise ValueError(f"ascent_steps={ascent_steps!r} is invalid: the engine needs k >= 1.")
         if not rho > 0 or not step_mult > 0 or adaptive_eta < 0:
             raise ValueError("rho and step_mult must be > 0 and adaptive_eta >= 0.")
-        self.params = [p for p in params if p.requires_grad]
+        given = list(params)
+        self.params = [p for p in given if p.requires_grad]
         if not self.params:
             raise ValueError("MultiStepAscent got no trainable parameters.")
         self._layout = ShardLayout(self.params)
@@ -130,7 +140,8 @@ class MultiStepAscent:
         self.track_directions = bool(track_directions)
         self.step_size = step_size(ascent_rule, self.rho, self.ascent_steps, self.step_mult)
         self._weights: list[Tensor] = self._layout.locals(self.params)  # local shards under FSDP2
-        self._backup: list[Tensor] | None = None  # the one fp32 copy of the weights, reused every step
+        self.perturbed_weights = choose_mode(perturbed_weights, given, self._layout)
+        self._moved = MovedWeights(self.params, self._weights, self.perturbed_weights)  # the one extra copy
         self.held_grads: list[Tensor | None] | None = None  # accumulated grads set aside during the ascent
         self._scale: list[Tensor] | None = None  # ASAM's T, for this step only
         self._directions: DirectionTracker | None = None  # with track_directions only
@@ -152,7 +163,7 @@ class MultiStepAscent:
 
     # what the descents read (hf_sam.engine.descents.base.DescentContext)
     weights = property(lambda self: self._weights, doc="The trainable tensors (local shards under FSDP2).")
-    backup = property(lambda self: self._backup, doc="The snapshot of w taken by begin().")
+    backup = property(lambda self: self._moved.originals, doc="w during the step (never written by the step).")
     layout = property(lambda self: self._layout, doc="Which tensors are shards.")
     asam_scale = property(lambda self: self._scale, doc="ASAM's T = |w| + eta for this step (None without ASAM).")
 
@@ -188,20 +199,17 @@ class MultiStepAscent:
     # ----------------------------------------------------------------- step protocol
     @torch.no_grad()
     def begin(self) -> None:
-        """Snapshot the weights and set aside the gradients already accumulated in p.grad."""
+        """Keep w (a snapshot under "copy") and set aside the gradients already accumulated in p.grad."""
         if self._in_step:
             raise RuntimeError("MultiStepAscent.begin() called twice without restore().")
         if self._layout.sharded:  # FSDP2 may hand out new local views between steps
             self._weights = self._layout.locals(self.params)
-        if self._backup is None:
-            self._backup = [w.detach().clone() for w in self._weights]
-        else:
-            torch._foreach_copy_(self._backup, self._weights)
+        self._moved.begin(self._weights)
         self.held_grads = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
         if self.adaptive:
-            self._scale = torch._foreach_abs(self._backup)
+            self._scale = torch._foreach_abs(self._moved.originals)
             torch._foreach_add_(self._scale, self.adaptive_eta)
         self._reset_step_state()
         self.descent_rule.begin(len(self.params))
@@ -240,6 +248,7 @@ class MultiStepAscent:
         self.descent_rule.ascent_gradient(i, idx, grads, self.record)
         if self.adaptive:
             torch._foreach_mul_(grads, scale)  # T^2 g
+        self._moved.move_out()  # (swap: the first step's copy of w into the buffer the passes run on)
         # a / ||g|| is inf or nan only when the step is skipped, and then the kernel does not read it
         add_scaled_unless_(weights, grads, torch.div(self._step_size_t, norm), ~moving, self._uniform)
         self._reach += self.step_size  # each step has length step_size (or 0) in the rule's norm
@@ -258,6 +267,7 @@ class MultiStepAscent:
         restore(): it bounds ||d|| by the lengths of its own steps to skip needless projections."""
         if not self._in_step:
             raise RuntimeError("MultiStepAscent.shift() called outside begin()/restore().")
+        self._moved.move_out()
         torch._foreach_add_(self._weights, [local(o).to(w) for w, o in zip(self._weights, offsets, strict=True)])
         self.record.shifted = True
         self._reach = math.inf  # unknown: project (and measure) from here on
@@ -277,7 +287,7 @@ class MultiStepAscent:
         self.direction.end(self.record.dropped)
         if self.steps_taken >= 2 or self.record.shifted:  # a drop after a move: back to w, decided on the device
             dropped = self.record.dropped
-            reset_where_(self._weights, self._backup, dropped)
+            reset_where_(self._weights, self.backup, dropped)
             if self.perturbation_norm is not None:  # a projection before the drop measured a move
                 norm = self.perturbation_norm
                 self.perturbation_norm = torch.where(dropped, torch.zeros_like(norm), norm)
@@ -302,18 +312,18 @@ class MultiStepAscent:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Copy the weights back from the snapshot (bit-exact); safe to call after an error."""
+        """The weights back at w, bit for bit (pointed back, or copied back); safe to call after an error."""
         if not self._in_step:
             return
         if self._measure_on_restore:
             # ||d|| of a multi-step ascent, from p - w formed in the weights just before they are
             # overwritten: one pass fewer than forming it in a separate buffer
-            torch._foreach_sub_(self._weights, self._backup)
+            torch._foreach_sub_(self._weights, self.backup)
             if self.adaptive:
                 torch._foreach_div_(self._weights, self._scale)
             self.perturbation_norm = global_norm(self._weights, self._layout, self._layout.flags())
             self._measure_on_restore = False
-        torch._foreach_copy_(self._weights, self._backup)
+        self._moved.restore()
         if self.held_grads is not None:  # an error struck before begin_descent(): undo the set-aside
             for p in self.params:
                 p.grad = None
@@ -381,5 +391,7 @@ class MultiStepAscent:
 
     def _project(self, scratch: list[Tensor] | None = None) -> None:
         """The "projected" rule's projection; ``scratch``: free buffers to hold d (saves an allocation)."""
-        self.perturbation_norm = project_(self._weights, self._backup, self._scale, self.rho, self._layout, scratch)
+        self.perturbation_norm = project_(
+            self._weights, self.backup, self._scale, self.rho, self._layout, scratch, self._uniform
+        )
         self._reach = self.rho

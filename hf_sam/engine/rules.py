@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .guarded import add_scaled_unless_
 from .tensors import ShardLayout, global_norm
 
 RULES = ("normalized", "projected", "accumulated")
@@ -49,6 +50,7 @@ def project_(
     rho: float,
     layout: ShardLayout,
     scratch: list[Tensor] | None = None,
+    weights_uniform: bool = False,
 ) -> Tensor:
     """Move w + d onto ||d|| <= rho without a host sync; returns the projected ||d|| (0-d tensor)."""
     d = displacement(weights, backup, scale, scratch)
@@ -57,7 +59,6 @@ def project_(
     shrink = torch.clamp(rho / norm.clamp_min(1e-300), max=1.0)
     if scale is not None:
         torch._foreach_mul_(d, scale)  # back to weight units
-    # w + c d = (w + d) + (c - 1) d; inside the ball c - 1 = 0 leaves the weights untouched
-    torch._foreach_mul_(d, (shrink - 1).to(d[0].dtype))
-    torch._foreach_add_(weights, d)
+    # w + c d = (w + d) + (c - 1) d in one guarded pass, skipped inside the ball (c = 1: nothing to move)
+    add_scaled_unless_(weights, d, shrink - 1, shrink >= 1, weights_uniform)
     return norm * shrink

@@ -147,6 +147,15 @@ class SAMArgumentsMixin:
             "ascent gradients and between the first ascent and the descent gradient (slower)."
         },
     )
+    sam_perturbed_weights: str = field(
+        default="auto",
+        metadata={
+            "help": "Where the passes' perturbed weights live: 'swap' (a second buffer the parameters point at; "
+            "w is never written, so there is no restore copy), 'copy' (the parameters, after a snapshot) or "
+            "'auto' (swap unless unsafe: FSDP2 shards, tied storage, DeepSpeed, CUDA graphs).",
+            "choices": ["auto", "swap", "copy"],
+        },
+    )
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -180,6 +189,7 @@ class SAMArgumentsMixin:
             sync_ascent=self.sam_sync_ascent,
             replay_rng=self.sam_replay_rng,
             diagnostics=self.sam_diagnostics,
+            perturbed_weights=self.sam_perturbed_weights,
             xsam_alpha=self.sam_xsam_alpha,
             xsam_alpha_max=self.sam_xsam_alpha_max,
             xsam_rho_max=self.sam_xsam_rho_max,

@@ -21,6 +21,7 @@ def check_launch(trainer) -> None:
         check_deepspeed(trainer)
     check_xsam(trainer)
     check_family(trainer)
+    perturbed_weights_mode(trainer)
     if trainer.is_fsdp_enabled:
         check_fsdp(trainer)
     elif trainer.args.fsdp:
@@ -36,6 +37,24 @@ def check_launch(trainer) -> None:
             "per GPU with `accelerate launch --multi_gpu` (DDP) instead, or set "
             "CUDA_VISIBLE_DEVICES to one GPU."
         )
+
+
+_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def perturbed_weights_mode(trainer) -> str:
+    """The engine's ``perturbed_weights`` for this launch: "auto" becomes "copy" where the launch, not the
+    parameters, says their storage must stay put; an explicit "swap" there is refused."""
+    mode = trainer.sam_config.perturbed_weights
+    args = trainer.args  # (tests may pass a bare namespace)
+    reason = None
+    if trainer.is_deepspeed_enabled:
+        reason = "DeepSpeed gathers and partitions p.data itself"
+    elif getattr(args, "torch_compile", False) and getattr(args, "torch_compile_mode", None) in _CUDA_GRAPH_MODES:
+        reason = f"torch_compile_mode={args.torch_compile_mode!r} records the parameters' addresses in CUDA graphs"
+    if reason and mode == "swap":
+        raise ValueError(f"sam_perturbed_weights='swap' cannot be used here: {reason}; use 'copy' or 'auto'.")
+    return "copy" if reason else mode
 
 
 def low_precision_trainable(model: nn.Module) -> list[tuple[str, torch.dtype]]:

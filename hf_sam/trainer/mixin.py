@@ -20,7 +20,7 @@ from ..config import SAMConfig
 from ..engine.ascent import MultiStepAscent, scaled_loss
 from ..engine.descents.xsam import alpha_grid
 from .args import SAMArgumentsMixin
-from .checks import check_launch, check_trainable_dtypes
+from .checks import check_launch, check_trainable_dtypes, perturbed_weights_mode
 from .every_n import EveryNSteps
 from .launch import GradientSync
 from .lookbehind import LookbehindStep, check_lookbehind
@@ -152,7 +152,8 @@ class SAMMixin:
         """The engine for the model being trained (the one training_step receives)."""
         if self._sam_engine is None or self._sam_bound_to is not model:
             check_trainable_dtypes(model)
-            self._sam_engine = MultiStepAscent(model.parameters(), **self.sam_config.engine_kwargs())
+            kwargs = {**self.sam_config.engine_kwargs(), "perturbed_weights": perturbed_weights_mode(self)}
+            self._sam_engine = MultiStepAscent(model.parameters(), **kwargs)
             memory = self._sam_every_n.memory if self._sam_every_n is not None else None
             if memory is not None:  # LookSAM: SAM's descent that also remembers g_v
                 self._sam_engine.descent_rule = memory

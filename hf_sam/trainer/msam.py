@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..engine.momentum import MomentumPerturbation
+from .checks import perturbed_weights_mode
 
 _ADAM_FAMILY = (torch.optim.Adam, torch.optim.AdamW)
 
@@ -47,7 +48,10 @@ class MomentumSAMStep:
         config, optimizer = self.trainer.sam_config, self.trainer.optimizer
         key = momentum_key(optimizer)
         if self.perturbation is None or self._bound_to is not model:
-            self.perturbation = MomentumPerturbation(model.parameters(), self.rho, config.adaptive, config.adaptive_eta)
+            mode = perturbed_weights_mode(self.trainer)
+            self.perturbation = MomentumPerturbation(
+                model.parameters(), self.rho, config.adaptive, config.adaptive_eta, perturbed_weights=mode
+            )
             self._bound_to = model
         self.perturbation.set_rho(self.rho)
         state = optimizer.state

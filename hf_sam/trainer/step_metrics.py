@@ -1,4 +1,5 @@
-"""The ``sam/*`` metrics: summed on the device per micro-batch, read once per logging step."""
+"""The ``sam/*`` metrics: kept per micro-batch as the device tensors they are, summed and read once per
+logging step (no kernel runs for them inside a step)."""
 
 from __future__ import annotations
 
@@ -63,11 +64,13 @@ class SAMStepMetrics:
         if not self._pending:
             return
         records, self._pending = self._pending, []
+        self._sum_values()
         self._skipped = self._skipped + torch.stack([r.dropped for r in records]).sum()
         self._zero_gradient = self._zero_gradient + torch.stack([r.zero & ~r.moved for r in records]).sum()
 
     def _reset(self) -> None:
         self._sums: dict[str, torch.Tensor | float] = {}
+        self._values: dict[str, list[torch.Tensor | float]] = {}  # per micro-batch, not yet in the sums
         self._counts: dict[str, int] = {}
         self._micro_batches = 0
 
@@ -82,25 +85,32 @@ class SAMStepMetrics:
     ) -> None:
         ascent = engine.record
         values = {
-            "sam/loss_clean": clean.double(),
-            "sam/loss_perturbed": perturbed.double(),
+            "sam/loss_clean": clean.detach(),
+            "sam/loss_perturbed": perturbed.detach(),
             "sam/grad_norm": _unscaled(ascent.grad_norms[0] if ascent.grad_norms else 0.0, loss_scale),
-            "sam/perturbation_norm": engine.perturbation_norm.to(clean.device)
-            if engine.perturbation_norm is not None
-            else 0.0,
+            "sam/perturbation_norm": 0.0 if engine.perturbation_norm is None else engine.perturbation_norm,
         }
         if engine.descent == "xsam" and engine.xsam_angle is not None:
             values["sam/xsam_alpha"] = engine.xsam_alpha
-            values["sam/xsam_angle"] = engine.xsam_angle.to(clean.device)
+            values["sam/xsam_angle"] = engine.xsam_angle
         if self.diagnostics:
             values.update(self._diagnostic_values(engine, perturbed, pass_losses, loss_scale))
         for key, value in values.items():
-            self._sums[key] = self._sums.get(key, 0.0) + value
+            self._values.setdefault(key, []).append(value)
             self._counts[key] = self._counts.get(key, 0) + 1
         self._micro_batches += 1
         self._pending.append(ascent)
         if len(self._pending) >= 1024:  # logging steps far apart: keep the memory bounded
             self._fold()
+
+    def _sum_values(self) -> None:
+        """Add the values kept since the last sum to the sums: one stack and sum per metric."""
+        for key, kept in self._values.items():
+            device = next((v.device for v in kept if isinstance(v, torch.Tensor)), torch.device("cpu"))
+            parts = [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in kept]
+            total = torch.stack(parts).sum()
+            self._sums[key] = self._sums.get(key, 0.0) + total
+        self._values = {}
 
     @staticmethod
     def _diagnostic_values(
@@ -125,6 +135,7 @@ class SAMStepMetrics:
         steps = max(global_step - self.last_logged_step, 1)
         n = self._micro_batches
         out: dict[str, float] = {}
+        self._sum_values()
         if n:
             # every rank has the core keys; the diagnostics may differ between ranks and stay local
             keys = sorted(self._sums, key=lambda key: (key not in _CORE_METRICS, key))

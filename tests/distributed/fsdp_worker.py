@@ -104,7 +104,8 @@ def main():
                 "restored": all(torch.equal(a, b) for a, b in zip(after, before, strict=True)),
                 "first_norm": engine.grad_norms[0],
                 "perturbation_norm": float(engine.perturbation_norm),
-                "backup_elements": sum(b.numel() for b in engine._backup),
+                "backup_elements": sum(b.numel() for b in engine._moved.buffers),
+                "perturbed_weights": engine.perturbed_weights,
             }
         )
         for p in model.parameters():

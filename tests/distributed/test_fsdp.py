@@ -70,6 +70,8 @@ def test_fsdp_snapshot_is_per_shard(fsdp_ranks):
     total = sum(v.numel() for v in fsdp_ranks[0]["weights"].values())
     per_rank = [r["results"][0]["backup_elements"] for r in fsdp_ranks]
     assert sum(per_rank) == total and max(per_rank) < total
+    # shards are views into FSDP's own buffers: the engine snapshots and copies back instead of swapping
+    assert all(result["perturbed_weights"] == "copy" for r in fsdp_ranks for result in r["results"])
 
 
 def test_dtensor_parameters_through_the_trainer_match_the_unsharded_run(tmp_path):
