@@ -50,5 +50,6 @@ class EveryNSteps:
         for p in params:
             if p.grad is None:  # a tensor the pass did not reach has g = 0
                 p.grad = torch.zeros_like(p)
-        add_reuse_([local(p.grad) for p in params], self.memory.g_v, self.alpha, self.granularity, layout)
+        grads = [local(p.grad) for p in params]
+        add_reuse_(grads, self.memory.g_v, self.alpha, self.granularity, layout, self.memory.g_v_size(layout))
         return loss

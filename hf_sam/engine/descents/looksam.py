@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..guarded import replace_where_
+from ..guarded import add_scaled_unless_, replace_where_
 from ..tensors import ShardLayout, global_dot, global_norm, per_tensor_dots
 from .base import CleanGradientDescent, DescentContext
 
@@ -31,6 +31,14 @@ class LookSAMDescent(CleanGradientDescent):
         self.granularity = granularity
         self._sums: tuple[list[Tensor], list[Tensor]] | None = None  # (sum of g, sum of g_s)
         self.g_v: list[Tensor] | None = None  # from the last full step
+        self._g_v_size: Tensor | None = None  # its norm (global) or per-tensor squared norms, taken once
+
+    def g_v_size(self, layout: ShardLayout) -> Tensor | None:
+        """||g_v|| ("global") or the per-tensor ||g_v_j||^2 ("tensor"), taken once per g_v for the cheap
+        steps (a pass over g_v fewer in each of them)."""
+        if self._g_v_size is None and self.g_v is not None:
+            self._g_v_size = g_v_size(self.g_v, self.granularity, layout)
+        return self._g_v_size
 
     def rewrite(self, engine: DescentContext, grads: list[Tensor]) -> None:
         g = self.clean_gradient(engine)
@@ -60,28 +68,47 @@ class LookSAMDescent(CleanGradientDescent):
         # a non-finite step (fp16 overflow) keeps the last g_v (zero before the first)
         bad = ~torch.isfinite(global_norm(g_s, layout, flags))
         replace_where_(g_s, self.g_v if self.g_v is not None else [torch.zeros_like(t) for t in g_s], bad)
-        self.g_v = g_s
+        self._set_g_v(g_s)
+
+    def _set_g_v(self, g_v: list[Tensor] | None) -> None:
+        self.g_v, self._g_v_size = g_v, None
 
     def state_dict(self) -> dict:
         return {"g_v": None if self.g_v is None else [t.detach().cpu() for t in self.g_v]}
 
     def load_state_dict(self, state: dict, weights: list[Tensor]) -> None:
         saved = state.get("g_v")
-        self.g_v = None if saved is None else [s.to(w) for s, w in zip(saved, weights, strict=True)]
+        g_v = None if saved is None else [s.to(w) for s, w in zip(saved, weights, strict=True)]
+        self._set_g_v(g_v)
 
 
 @torch.no_grad()
-def add_reuse_(grads: list[Tensor], g_v: list[Tensor], alpha: float, granularity: str, layout: ShardLayout) -> None:
-    """grads += alpha ||grads|| / ||g_v|| g_v, globally or per tensor (a zero g_v adds nothing)."""
+def g_v_size(g_v: list[Tensor], granularity: str, layout: ShardLayout) -> Tensor:
+    """||g_v|| over all tensors ("global") or the per-tensor squared norms ("tensor"), floored above 0."""
     flags = layout.flags()
     if granularity == "global":
-        ratio = global_norm(grads, layout, flags) / global_norm(g_v, layout, flags).clamp_min(_TINY)
-        torch._foreach_add_(
-            grads, torch._foreach_mul(g_v, (alpha * ratio).to(device=grads[0].device, dtype=grads[0].dtype))
-        )
+        return global_norm(g_v, layout, flags).clamp_min(_TINY)
+    return per_tensor_dots(g_v, g_v, layout, flags).clamp_min(_TINY)
+
+
+def add_reuse_(
+    grads: list[Tensor],
+    g_v: list[Tensor],
+    alpha: float,
+    granularity: str,
+    layout: ShardLayout,
+    size: Tensor | None = None,
+) -> None:
+    """grads += alpha ||grads|| / ||g_v|| g_v, globally or per tensor (a zero g_v adds nothing).
+    ``size``: :func:`g_v_size` of ``g_v`` when it is known already (LookSAMDescent keeps it)."""
+    flags = layout.flags()
+    if size is None:
+        size = g_v_size(g_v, granularity, layout)
+    if granularity == "global":
+        ratio = global_norm(grads, layout, flags) / size
+        # one guarded pass (never skipped), with the factor on the device: no temporary alpha r g_v
+        add_scaled_unless_(grads, g_v, alpha * ratio, torch.zeros((), dtype=torch.bool, device=ratio.device))
         return
-    ratio = (
-        per_tensor_dots(grads, grads, layout, flags) / per_tensor_dots(g_v, g_v, layout, flags).clamp_min(_TINY)
-    ).sqrt()
+    ratio = (per_tensor_dots(grads, grads, layout, flags) / size).sqrt()
     scales = list((alpha * ratio).to(device=grads[0].device, dtype=grads[0].dtype).unbind())
     torch._foreach_add_(grads, torch._foreach_mul(g_v, scales))
