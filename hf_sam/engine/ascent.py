@@ -287,7 +287,7 @@ class MultiStepAscent:
         self.direction.end(self.record.dropped)
         if self.steps_taken >= 2 or self.record.shifted:  # a drop after a move: back to w, decided on the device
             dropped = self.record.dropped
-            reset_where_(self._weights, self.backup, dropped)
+            reset_where_(self._weights, self.backup, dropped, self._uniform)
             if self.perturbation_norm is not None:  # a projection before the drop measured a move
                 norm = self.perturbation_norm
                 self.perturbation_norm = torch.where(dropped, torch.zeros_like(norm), norm)

@@ -74,22 +74,23 @@ def _learning_rate(scale: Tensor, device: torch.device, dtype: torch.dtype) -> T
     return scale.to(device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
 
 
-def reset_where_(targets: Sequence[Tensor], sources: Sequence[Tensor], flag: Tensor) -> None:
-    """``targets <- sources`` if the 0-d bool ``flag`` is set, else unchanged, without a host read:
-    lerp with weight 1 is ``end`` and with weight 0 is ``start`` exactly (finite values)."""
-    weights: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-    per_tensor = []
-    for t in targets:
-        key = (t.device, t.dtype)
-        if key not in weights:
-            weights[key] = flag.to(device=t.device, dtype=t.dtype)
-        per_tensor.append(weights[key])
-    torch._foreach_lerp_(list(targets), list(sources), per_tensor)
+def reset_where_(
+    targets: Sequence[Tensor], sources: Sequence[Tensor], flag: Tensor, targets_uniform: bool = False
+) -> None:
+    """``targets <- sources`` if the 0-d bool ``flag`` is set, else unchanged, without a host read, and
+    without touching memory when it is unset (the usual case: a drop is rare): two guarded adds that skip
+    on the device flag, ``t - t`` (exactly 0 for finite ``targets``) and then ``0 + s`` (exactly ``s``)."""
+    skip = ~flag
+    device = targets[0].device
+    add_scaled_unless_(
+        targets, targets, torch.full((), -1.0, dtype=torch.float64, device=device), skip, targets_uniform
+    )
+    add_scaled_unless_(targets, sources, torch.ones((), dtype=torch.float64, device=device), skip, targets_uniform)
 
 
 def replace_where_(targets: Sequence[Tensor], sources: Sequence[Tensor], flag: Tensor) -> None:
     """``targets <- sources`` if the 0-d bool ``flag`` is set, without a host read, also when
-    ``targets`` hold non-finite values (where :func:`reset_where_`'s lerp would give nan): a kernel
+    ``targets`` hold non-finite values (where :func:`reset_where_`'s ``t - t`` would give nan): a kernel
     per tensor, for state updated once per step, not for the hot path."""
     for t, s in zip(targets, sources, strict=True):
         t.copy_(torch.where(flag.to(t.device), s, t))

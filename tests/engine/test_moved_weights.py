@@ -25,7 +25,11 @@ def _storage(t: torch.Tensor) -> int:
 
 
 class StorageWrites(TorchDispatchMode):
-    """Records every operator that writes (in place or as ``out=``) into one of the given storages."""
+    """Records every operator that writes (in place or as ``out=``) into one of the given storages.
+
+    The fused SGD kernel's schema marks its gradients mutable, but it writes them only when given a
+    ``grad_scale`` (PyTorch's "conditional gradient store"; checked below): without one, only its first
+    argument counts as written."""
 
     def __init__(self, storages) -> None:
         super().__init__()
@@ -36,6 +40,8 @@ class StorageWrites(TorchDispatchMode):
         kwargs = kwargs or {}
         schema = func._schema
         values = list(args) + [kwargs.get(a.name) for a in schema.arguments[len(args) :]]
+        if schema.name == "aten::_fused_sgd_" and kwargs.get("grad_scale") is None:
+            values = values[:1]
         for arg, value in zip(schema.arguments, values, strict=False):
             if arg.alias_info is not None and arg.alias_info.is_write:
                 for t in tree_flatten(value)[0]:
@@ -95,6 +101,17 @@ CONFIGS = [
     {"ascent_steps": 1, "descent": "wsam", "wsam_decouple": False},
     {"ascent_steps": 2, "direction": "friendly"},
 ]
+
+
+def test_the_fused_sgd_kernel_writes_its_gradients_only_with_a_grad_scale():
+    p, g = [torch.randn(50)], [torch.randn(50)]
+    before = g[0].clone()
+    kwargs = dict(weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, maximize=True, is_first_step=False)
+    lr = torch.tensor(0.5, dtype=torch.float64)
+    torch._fused_sgd_(p, g, [], lr=lr, found_inf=torch.tensor(0.0), **kwargs)
+    assert torch.equal(g[0], before)
+    torch._fused_sgd_(p, g, [], lr=lr, grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0), **kwargs)
+    assert not torch.equal(g[0], before), "with a grad_scale it unscales them in place"
 
 
 def test_the_write_detector_sees_the_copy_way_restore():
