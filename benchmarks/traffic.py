@@ -54,6 +54,12 @@ def _mutated(func, args, kwargs) -> list:
     return out[:1] if schema.name in WRITES_FIRST_ONLY else out
 
 
+def _skipped(func, kwargs) -> bool:
+    """A fused optimizer kernel whose ``found_inf`` flag is set (SAM's guarded updates, when they skip)."""
+    flag = kwargs.get("found_inf")
+    return func._schema.name in WRITES_FIRST_ONLY and flag is not None and bool(flag)
+
+
 class TrafficCounter(TorchDispatchMode):
     """Bytes read and written by every aten operator dispatched inside it, and the operators' count: an
     operator reads its tensor arguments (but the destination of a plain overwrite) and writes what it
@@ -67,6 +73,9 @@ class TrafficCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _skipped(func, kwargs):  # a guarded kernel told to skip returns before touching memory
+            self.ops += 1
+            return func(*args, **kwargs)
         out = func(*args, **kwargs)
         written = tree_flatten(_mutated(func, args, kwargs))[0]
         read = _bytes(tree_flatten((args, kwargs))[0])

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from traffic import TrafficCounter  # noqa: E402
 
 from hf_sam import MultiStepAscent  # noqa: E402
+from hf_sam.engine.guarded import add_scaled_unless_  # noqa: E402
 
 
 def test_counter_on_operators_of_known_traffic():
@@ -28,6 +29,15 @@ def test_counter_on_operators_of_known_traffic():
     with TrafficCounter() as c:
         out = torch._foreach_norm(a)  # read a, write two scalars
     assert (c.read, c.written) == (size, 2 * 4) and len(out) == 2
+    # a guarded add (the fused kernel) reads a and b and writes a, or, told to skip, touches neither: only
+    # its few scalars (the flag, the step size) are left, far below one list
+    lr = torch.tensor(0.5, dtype=torch.float64)
+    with TrafficCounter() as c:
+        add_scaled_unless_(a, b, lr, torch.tensor(False))
+    assert c.read >= 2 * size and c.written >= size and c.read + c.written < 4 * size
+    with TrafficCounter() as c:
+        add_scaled_unless_(a, b, lr, torch.tensor(True))
+    assert c.read + c.written < size
 
 
 @pytest.mark.parametrize("way,phases", [("copy", (2, 4, 2)), ("swap", (0, 6, 0))])
