@@ -132,6 +132,17 @@ def cases(preset: str, device: str) -> list[Case]:
     ]
 
 
+def training_case(parser: argparse.ArgumentParser, prefix: str, preset: str = "cpu", device: str = "cpu"):
+    """The preset's model whose name starts with ``prefix``, built and in training mode, with its batch
+    (a parser error naming the prefix when none does): ``(case, model, batch)``."""
+    chosen = [c for c in cases(preset, device) if c.name.startswith(prefix)]
+    if not chosen:
+        parser.error(f"no {preset} model starts with {prefix!r}")
+    model, batch = chosen[0].build()
+    model.train()
+    return chosen[0], model, batch
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

@@ -19,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_step import cases, make_variant  # noqa: E402
+from bench_step import make_variant, training_case  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,11 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=18)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    chosen = [c for c in cases("cpu", "cpu") if c.name.startswith(args.model)]
-    if not chosen:
-        parser.error(f"no CPU model starts with {args.model!r}")
-    model, batch = chosen[0].build()
-    model.train()
+    case, model, batch = training_case(parser, args.model)
     k = 0 if args.variant == "plain" else args.k
     run = make_variant(args.variant, model, batch, k, args.rule, bf16=False, device="cpu")
     for _ in range(2):
@@ -46,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.calls):
         run()
     profile.disable()
-    print(f"# {chosen[0].name}, {args.variant} k={k} {args.rule}, {args.calls} calls")
+    print(f"# {case.name}, {args.variant} k={k} {args.rule}, {args.calls} calls")
     pstats.Stats(profile).sort_stats("cumtime").print_stats("hf_sam", args.top)
     return 0
 

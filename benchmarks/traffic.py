@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_step import cases, make_variant  # noqa: E402
+from bench_step import make_variant, training_case  # noqa: E402
 
 PHASES = ("begin", "ascend", "begin_descent", "end_descent", "restore")
 
@@ -132,15 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ways", nargs="+", default=["swap", "copy"], choices=["swap", "copy"])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    chosen = [c for c in cases("cpu", "cpu") if c.name.startswith(args.model)]
-    if not chosen:
-        parser.error(f"no CPU model starts with {args.model!r}")
-    model, batch = chosen[0].build()
-    model.train()
+    case, model, batch = training_case(parser, args.model)
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    print(
-        f"# {chosen[0].name}: {weights / 2**20:.1f} MiB of trainable weights = one pass; medians of {args.steps} steps"
-    )
+    print(f"# {case.name}: {weights / 2**20:.1f} MiB of trainable weights = one pass; medians of {args.steps} steps")
     head = f"{'way':5} {'rule':12} {'k':>2} {'phase':14}"
     print(f"{head} {'reads':>7} {'writes':>7} {'total':>7} {'ops':>6} {'ms':>8}")
     for way in args.ways:
