@@ -20,7 +20,7 @@ import tempfile
 import time
 
 import torch
-from gpu_fsdp_check import MLP  # the same small classifier as the FSDP2 check
+from gpu_fsdp_check import sam_trainer  # the same small classifier and rows as the FSDP2 check
 
 CASES = {
     "normalized": dict(sam_ascent_steps=2),
@@ -37,27 +37,11 @@ ZERO2 = {
 
 
 def worker(out: str, case: str, deepspeed: str) -> None:
-    from transformers import set_seed
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from hf_sam import SAMTrainer, SAMTrainingArguments
-
-    set_seed(0)
-    model = MLP()
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(64, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
-    data = [{"x": x[i], "labels": y[i]} for i in range(64)]
     extra = {}
     if deepspeed != "none":
         extra["deepspeed"] = {**ZERO2, **({"bf16": {"enabled": True}} if deepspeed == "bf16" else {})}
-    args = SAMTrainingArguments(
-        output_dir=os.path.join(out, f"{case}-{deepspeed}"), max_steps=4, per_device_train_batch_size=16,
-        learning_rate=1e-2, optim="sgd", lr_scheduler_type="constant", report_to=[], save_strategy="no",
-        train_sampling_strategy="sequential", disable_tqdm=True, sam_rho=0.1, sam_sync_ascent=True,
-        **CASES[case], **extra,
-    )  # fmt: skip
     try:
-        trainer = SAMTrainer(model=model, args=args, train_dataset=data)
+        trainer = sam_trainer(os.path.join(out, f"{case}-{deepspeed}"), CASES[case], extra)
     except ValueError as err:  # the bf16 case: refused before training
         torch.save({"refused": str(err)}, os.path.join(out, f"{case}-{deepspeed}.pt"))
         return

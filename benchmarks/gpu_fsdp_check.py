@@ -39,7 +39,9 @@ class MLP(torch.nn.Module):
         return {"logits": logits, "loss": torch.nn.functional.cross_entropy(logits, labels)}
 
 
-def worker(out: str, case: str, fsdp: bool) -> None:
+def sam_trainer(output_dir: str, sam: dict, extra: dict):
+    """SAMTrainer on the small classifier and 64 fixed rows, 4 steps of SGD with a synchronized ascent;
+    ``sam``: the case's sam_* (and precision) arguments, ``extra``: the launch's (FSDP, DeepSpeed)."""
     from transformers import set_seed
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,14 +52,18 @@ def worker(out: str, case: str, fsdp: bool) -> None:
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
     data = [{"x": x[i], "labels": y[i]} for i in range(64)]
-    extra = {"fsdp": "full_shard", "fsdp_config": {"version": 2}} if fsdp else {}
     args = SAMTrainingArguments(
-        output_dir=os.path.join(out, case + ("-fsdp" if fsdp else "")), max_steps=4, per_device_train_batch_size=16,
+        output_dir=output_dir, max_steps=4, per_device_train_batch_size=16,
         learning_rate=1e-2, optim="sgd", lr_scheduler_type="constant", report_to=[], save_strategy="no",
         train_sampling_strategy="sequential", disable_tqdm=True, sam_rho=0.1, sam_sync_ascent=True,
-        **CASES[case], **extra,
+        **sam, **extra,
     )  # fmt: skip
-    trainer = SAMTrainer(model=model, args=args, train_dataset=data)
+    return SAMTrainer(model=model, args=args, train_dataset=data)
+
+
+def worker(out: str, case: str, fsdp: bool) -> None:
+    extra = {"fsdp": "full_shard", "fsdp_config": {"version": 2}} if fsdp else {}
+    trainer = sam_trainer(os.path.join(out, case + ("-fsdp" if fsdp else "")), CASES[case], extra)
     trainer.train()
     weights = {}
     for name, p in trainer.model.named_parameters():
