@@ -40,24 +40,36 @@ def _bytes(tensors) -> int:
 
 
 # operators that overwrite their destination without reading it, and the fused SGD kernel, whose schema marks
-# its gradients mutable though it only writes the parameters (no momentum here)
+# its gradients mutable though it writes only its parameters and momentum buffers (the gradients only when
+# given a grad_scale, which SAM never passes)
 WRITE_ONLY = {"aten::copy_", "aten::_foreach_copy_", "aten::zero_", "aten::_foreach_zero_", "aten::fill_"}
-WRITES_FIRST_ONLY = {"aten::_fused_sgd_"}
+FUSED_SGD = "aten::_fused_sgd_"
+
+
+def _arguments(func, args, kwargs) -> list:
+    """(schema argument, value) of every argument given."""
+    schema = func._schema
+    positional = list(zip(schema.arguments, args, strict=False))
+    return positional + [(a, kwargs[a.name]) for a in schema.arguments[len(args) :] if a.name in kwargs]
 
 
 def _mutated(func, args, kwargs) -> list:
-    """The tensors an operator writes in place, from its schema (``Tensor(a!)`` arguments)."""
-    schema = func._schema
-    values = list(args) + [kwargs[a.name] for a in schema.arguments[len(args) :] if a.name in kwargs]
-    pairs = zip(schema.arguments, values, strict=False)
-    out = [v for a, v in pairs if a.alias_info is not None and a.alias_info.is_write]
-    return out[:1] if schema.name in WRITES_FIRST_ONLY else out
+    """The tensors an operator writes in place or into ``out=``, from its schema (``Tensor(a!)`` arguments)."""
+    pairs = _arguments(func, args, kwargs)
+    if func._schema.name == FUSED_SGD:
+        return [v for a, v in pairs if a.name in ("self", "momentum_buffer_list")]
+    return [v for a, v in pairs if a.alias_info is not None and a.alias_info.is_write]
+
+
+def _read(func, args, kwargs) -> list:
+    """The tensors an operator reads: its arguments but the ``out=`` destinations."""
+    return [v for a, v in _arguments(func, args, kwargs) if not a.is_out]
 
 
 def _skipped(func, kwargs) -> bool:
     """A fused optimizer kernel whose ``found_inf`` flag is set (SAM's guarded updates, when they skip)."""
     flag = kwargs.get("found_inf")
-    return func._schema.name in WRITES_FIRST_ONLY and flag is not None and bool(flag)
+    return func._schema.name == FUSED_SGD and flag is not None and bool(flag)
 
 
 class TrafficCounter(TorchDispatchMode):
@@ -78,7 +90,7 @@ class TrafficCounter(TorchDispatchMode):
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
         written = tree_flatten(_mutated(func, args, kwargs))[0]
-        read = _bytes(tree_flatten((args, kwargs))[0])
+        read = _bytes(tree_flatten(_read(func, args, kwargs))[0])
         if func._schema.name in WRITE_ONLY:
             read -= _bytes(written)
         self.read += read

@@ -41,7 +41,7 @@ from .descents import DESCENTS, LastDescent, make_descent
 from .direction_cosines import DirectionTracker
 from .directions import DIRECTIONS, make_direction
 from .gradient_norm import GradientNorm
-from .guarded import add_scaled_unless_, reset_where_, uniform
+from .guarded import reset_where_, uniform
 from .moved_weights import MovedWeights, choose_mode
 from .plain_loop import run_step, scaled_loss
 from .rules import RULES, project_, step_size
@@ -232,7 +232,6 @@ class MultiStepAscent:
         if i > self.ascent_steps:
             raise RuntimeError(f"ascend() called more than ascent_steps={self.ascent_steps} times.")
         idx = [j for j, p in enumerate(self.params) if p.grad is not None]
-        weights = [self._weights[j] for j in idx]
         grads = [local(self.params[j].grad) for j in idx]
         for j in idx:
             self.params[j].grad = None
@@ -248,9 +247,8 @@ class MultiStepAscent:
         self.descent_rule.ascent_gradient(i, idx, grads, self.record)
         if self.adaptive:
             torch._foreach_mul_(grads, scale)  # T^2 g
-        self._moved.move_out()  # (swap: the first step's copy of w into the buffer the passes run on)
-        # a / ||g|| is inf or nan only when the step is skipped, and then the kernel does not read it
-        add_scaled_unless_(weights, grads, torch.div(self._step_size_t, norm), ~moving, self._uniform)
+        # a / ||g|| is inf or nan only when the step is skipped; the grads are spent (scratch from here on)
+        self._moved.move(idx, grads, torch.div(self._step_size_t, norm), ~moving, self._uniform, spent=True)
         self._reach += self.step_size  # each step has length step_size (or 0) in the rule's norm
         if self.ascent_rule == "projected" and self._reach > self.rho:
             # the consumed gradients are free: d = p - w is formed in them, not in new memory

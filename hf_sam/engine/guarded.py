@@ -67,11 +67,14 @@ def _fused_add(targets: list[Tensor], sources: list[Tensor], scale: Tensor, foun
 
 
 def _learning_rate(scale: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The kernel's lr: read as a double on the CPU, as a float32 on accelerators; a scale beyond
-    float32 (a gradient norm below 1e-38) is clamped so that it cannot overflow to inf."""
-    if dtype != torch.float64:
-        scale = scale.clamp(max=_F32_MAX)
-    return scale.to(device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
+    """The kernel's lr: read as a double on the CPU, as a float32 on accelerators."""
+    return clamped(scale, dtype).to(device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
+
+
+def clamped(scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """A step size for weights of ``dtype``: beyond float32 (a gradient norm below 1e-38) it is clamped so
+    that it cannot overflow to inf (the step is then shorter, not inf times a tiny gradient)."""
+    return scale if dtype == torch.float64 else scale.clamp(max=_F32_MAX)
 
 
 def reset_where_(
@@ -86,6 +89,31 @@ def reset_where_(
         targets, targets, torch.full((), -1.0, dtype=torch.float64, device=device), skip, targets_uniform
     )
     add_scaled_unless_(targets, sources, torch.ones((), dtype=torch.float64, device=device), skip, targets_uniform)
+
+
+def copy_where_(targets: Sequence[Tensor], sources: Sequence[Tensor], flag: Tensor, scratch: Sequence[Tensor]) -> None:
+    """``targets <- sources`` if the 0-d bool ``flag`` is set, else nothing is touched, exact also where
+    ``targets`` hold inf or nan (which :func:`reset_where_`'s ``t - t`` would keep): the fused SGD kernel's
+    first momentum step, ``buffer <- g``, with ``targets`` as its momentum buffers and ``sources`` as g.
+    The kernel then writes its parameters, here ``scratch`` (tensors shaped like the targets):
+    ``x - 0 * s``, which keeps every value of ``x`` but may flip the sign of a zero. Layouts the kernel
+    cannot take are copied tensor by tensor with a mask (rare)."""
+    run = (~flag).to(torch.float32)  # the kernel's found_inf: it skips when set
+    fused: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
+    for t, s, x in zip(targets, sources, scratch, strict=True):
+        same = s.dtype == t.dtype == x.dtype and s.device == t.device == x.device
+        if same and t.is_contiguous() and s.is_contiguous() and x.is_contiguous():
+            group = fused.setdefault((t.device, t.dtype), ([], [], []))
+            group[0].append(t)
+            group[1].append(s)
+            group[2].append(x)
+        else:
+            t.copy_(torch.where(flag.to(t.device), s, t))
+    for (device, _), (ts, ss, xs) in fused.items():
+        torch._fused_sgd_(
+            xs, ss, ts, weight_decay=0.0, momentum=1.0, lr=0.0, dampening=0.0, nesterov=False,
+            maximize=False, is_first_step=True, found_inf=run.to(device),
+        )  # fmt: skip
 
 
 def replace_where_(targets: Sequence[Tensor], sources: Sequence[Tensor], flag: Tensor) -> None:

@@ -5,20 +5,26 @@ Two ways, one contract (the weights after the step are w, bit for bit, whatever 
 * ``swap``: the perturbed point is built in a second buffer per tensor, and the parameters are pointed at
   it (``p.data = buffer``) for the ascent and descent passes, then pointed back at their own storage,
   which nothing wrote in the meantime. There is no restore copy: restoring is bit-exact because w was
-  never touched. A step costs one copy of w into the buffer (the first move; see :meth:`MovedWeights.move_out`)
-  where the copy way costs a snapshot and a restore copy.
+  never touched. A step writes the buffer once, in its first move (below), where the copy way costs a
+  snapshot and a restore copy besides.
 * ``copy``: the perturbed point is built in the parameters' own storage after a snapshot of w, which
   is copied back at the end. It is the way wherever a parameter's storage must not change: FSDP2's
   DTensor shards (views into FSDP's flat buffers), parameters that share storage with another tensor
   (the tie would break during the passes), DeepSpeed (it gathers and partitions ``p.data`` itself)
   and CUDA graphs (they record the parameters' addresses); :func:`choose_mode` decides.
 
-Why the first move is a copy plus an in-place add, not one out-of-place ``w + s g``: a non-finite ascent
-gradient must leave the point at w (the descent is then at w), and that is decided on the device
-(:mod:`hf_sam.engine.guarded`). An out-of-place add reads g even when its step size is 0, and 0 * inf is
-nan; the only stock kernel that skips on a device flag (the fused SGD step) works in place. So the
-buffer gets w first (two passes) and the guarded add writes into it (three), against the copy way's
-snapshot (two), add (three) and restore (two).
+The step's first move, where its direction is spent (the engine's ascent gradient), is on the CPU one
+out-of-place ``w + s g`` into the buffer (swap: three passes, reading w and g; copy: from the snapshot
+into the parameters, the same kernel, so both ways take bit-identical steps). A non-finite ascent
+gradient must leave the point at w, decided on the device (:mod:`hf_sam.engine.guarded`), yet
+``w + 0 * inf`` is nan: so the move is written unguarded and then overwritten with w by a kernel that
+skips on the device flag (:func:`~hf_sam.engine.guarded.copy_where_`), touching no memory unless the
+ascent dropped. Elsewhere, and for later moves and moves by a direction the caller still needs (MSAM's
+momentum, a random start), the move adds in place with the guarded kernel, the swap copying w into the
+buffer first (five passes, not three). On an accelerator this is deliberate: stock kernels have no
+one-launch ``w + s g`` with s on the device (a tensor scale sends a foreach kernel down its path of one
+launch per tensor), while the copy and the fused add are a few launches whatever the number of tensors;
+on the CPU every foreach kernel runs tensor by tensor anyway. :attr:`MovedWeights.out_of_place` overrides.
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .guarded import add_scaled_unless_, clamped, copy_where_
 from .tensors import ShardLayout
 
 MODES = ("auto", "swap", "copy")
+_FAST_DTYPES = (torch.float32, torch.float64)
 
 
 def shares_storage(params: Sequence[Tensor]) -> bool:
@@ -77,6 +85,9 @@ class MovedWeights:
         self._aliases: list[Tensor] = []
         self._where: list[int] = []  # the weights' addresses when the buffers were made
         self.out = False  # swap: the parameters point at the spare buffers
+        self.moved = False  # the weights were written this step (a move or a shift)
+        self.out_of_place: bool | None = None  # the first move out of place (see the module); None: on the CPU
+        self._fast_dtypes = False  # all float32/float64, where the step size is not rounded to the weights' dtype
 
     @property
     def originals(self) -> list[Tensor]:
@@ -92,6 +103,7 @@ class MovedWeights:
         """Start a step: under copy, snapshot w; under swap, only remember where w lives."""
         self._weights = list(weights)
         self._prepare()
+        self.moved = False
         if self.mode == "copy":
             torch._foreach_copy_(self._spare, self._weights)
             self._originals = self._spare
@@ -99,11 +111,42 @@ class MovedWeights:
             self._originals = self._aliases
 
     def move_out(self) -> None:
-        """Before the first write to the weights of a step: under swap, give the buffers w and point the
+        """Before a write in place to the weights of a step: under swap, give the buffers w and point the
         parameters at them (idempotent); under copy, nothing (the weights are moved where they are)."""
+        self.moved = True
         if self.mode == "copy" or self.out:
             return
         torch._foreach_copy_(self._spare, self._originals)
+        self._point_out()
+
+    def move(
+        self, idx: list[int], directions: list[Tensor], scale: Tensor, skip: Tensor, uniform: bool, spent: bool
+    ) -> None:
+        """``weights[j] += scale * directions`` for j in ``idx`` unless the 0-d bool ``skip`` is set (then
+        nothing moves). ``spent``: the caller does not need ``directions`` after this call, so the step's
+        first move can run out of place and use them as scratch (see the module); ``uniform``: the weights
+        are what one fused kernel takes (:func:`~hf_sam.engine.guarded.uniform`)."""
+        out_of_place = self._weights[0].device.type == "cpu" if self.out_of_place is None else self.out_of_place
+        if self.moved or not spent or not idx or not (out_of_place and self._fast_dtypes):
+            self.move_out()
+            add_scaled_unless_([self._weights[j] for j in idx], directions, scale, skip, uniform)
+            return
+        self.moved = True
+        swap = self.mode == "swap"
+        targets = [(self._spare if swap else self._weights)[j] for j in idx]
+        originals = [self._originals[j] for j in idx]
+        # the step size in the weights' dtype, as the fused kernel rounds it (and a 0-d w does not promote)
+        by_dtype = {d: clamped(scale, d).to(d) for d in {w.dtype for w in originals}}
+        steps = [by_dtype[w.dtype] for w in originals]
+        torch.ops.aten._foreach_addcmul.Scalar_out(originals, directions, steps, 1, out=targets)
+        copy_where_(targets, originals, skip, directions)  # a dropped or zero ascent: back to w
+        if swap:
+            rest = sorted(set(range(len(self._weights))) - set(idx))  # no gradient this pass: at w
+            if rest:
+                torch._foreach_copy_([self._spare[j] for j in rest], [self._originals[j] for j in rest])
+            self._point_out()
+
+    def _point_out(self) -> None:
         for p, spare in zip(self.params, self._spare, strict=True):
             p.data = spare
         self.out = True
@@ -119,6 +162,7 @@ class MovedWeights:
                 p.data = original
             self.out = False
         self._originals = []
+        self.moved = False
 
     def _prepare(self) -> None:
         """The spare buffers and the aliases of w, made again only when the weights' storage moved (the
@@ -128,4 +172,5 @@ class MovedWeights:
             return
         self._spare = [torch.empty_like(w, memory_format=torch.preserve_format) for w in self._weights]
         self._aliases = [w.data for w in self._weights]  # views of w's storage; swap never writes them
+        self._fast_dtypes = all(w.dtype in _FAST_DTYPES for w in self._weights)
         self._where = where

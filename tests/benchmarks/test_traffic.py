@@ -1,8 +1,8 @@
 """benchmarks/traffic.py counts bytes from the dispatched operators: checked on operators whose traffic is
 known by hand, then on the engine's k = 1 step, whose traffic the README states. The copy way: snapshot
 (read w, write the copy), norm (read g), move (read w and g, write w), restore (read the copy, write w) =
-8 passes. The swap way: norm (read g), w into the spare buffer (read w, write it), move (read the buffer
-and g, write it), and no snapshot or restore copy = 6 passes."""
+8 passes. The swap way: norm (read g), move out of place (read w and g, write the spare buffer), and no
+snapshot or restore copy = 4 passes."""
 
 import sys
 from pathlib import Path
@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from traffic import TrafficCounter  # noqa: E402
 
 from hf_sam import MultiStepAscent  # noqa: E402
-from hf_sam.engine.guarded import add_scaled_unless_  # noqa: E402
+from hf_sam.engine.guarded import add_scaled_unless_, copy_where_  # noqa: E402
 
 
 def test_counter_on_operators_of_known_traffic():
@@ -38,9 +38,22 @@ def test_counter_on_operators_of_known_traffic():
     with TrafficCounter() as c:
         add_scaled_unless_(a, b, lr, torch.tensor(True))
     assert c.read + c.written < size
+    # an out-of-place kernel reads its inputs, not its out= destination
+    scales, out = [torch.tensor(0.5), torch.tensor(0.5)], [torch.empty(10), torch.empty(6)]
+    with TrafficCounter() as c:
+        torch.ops.aten._foreach_addcmul.Scalar_out(a, b, scales, 1, out=out)
+    assert c.read < 2 * size + 64 and c.read >= 2 * size and c.written == size
+    # the guarded copy writes its targets (and its scratch), or, told to skip, touches nothing
+    scratch = [torch.ones(10), torch.ones(6)]
+    with TrafficCounter() as c:
+        copy_where_(a, b, torch.tensor(True), scratch)
+    assert 3 * size <= c.read < 4 * size and 2 * size <= c.written < 2 * size + 32  # (+ the flag)
+    with TrafficCounter() as c:
+        copy_where_(a, b, torch.tensor(False), scratch)
+    assert c.read + c.written < size
 
 
-@pytest.mark.parametrize("way,phases", [("copy", (2, 4, 2)), ("swap", (0, 6, 0))])
+@pytest.mark.parametrize("way,phases", [("copy", (2, 4, 2)), ("swap", (0, 4, 0))])
 def test_the_engine_step_passes_over_the_weights_at_k1(way, phases):
     torch.manual_seed(0)
     weights = [torch.randn(300, 300, requires_grad=True), torch.randn(300, requires_grad=True)]

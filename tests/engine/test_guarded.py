@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_sam.engine.guarded import add_scaled_unless_, reset_where_, uniform
+from hf_sam.engine.guarded import add_scaled_unless_, copy_where_, reset_where_, uniform
 
 
 def _cases():
@@ -54,3 +54,23 @@ def test_uniform_targets_with_a_non_contiguous_source_take_the_safe_path():
     add_scaled_unless_(targets, sources, torch.tensor(0.25, dtype=torch.float64), torch.tensor(False), True)
     for got, expected in zip(targets, want, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_copy_where_is_exact_both_ways_even_over_non_finite_targets(flag):
+    targets = _cases()
+    for t in targets:  # what a dropped out-of-place move leaves: w + 0 * inf
+        t[(0,) * t.dim()] = float("nan")
+        t[(-1,) * t.dim()] = float("inf")
+    sources = [torch.randn(t.shape, dtype=t.dtype) for t in targets]
+    scratch = [torch.randn(t.shape, dtype=t.dtype) for t in targets]
+    scratch[0][0] = float("inf")  # a non-finite gradient as the scratch: it stays what it was
+    scratch[0][1] = -0.0
+    want_targets = [(s if flag else t).clone() for t, s in zip(targets, sources, strict=True)]
+    want_scratch = [x.clone() for x in scratch]
+    copy_where_(targets, sources, torch.tensor(flag), scratch)
+    for got, want in zip(targets, want_targets, strict=True):
+        assert torch.equal(got, want) if flag else torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert all(torch.equal(a, b) for a, b in zip(scratch, want_scratch, strict=True)), "the scratch keeps its values"
+    if not flag:  # nothing written at all: even a zero's sign stays
+        assert torch.signbit(scratch[0][1])

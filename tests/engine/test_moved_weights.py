@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from hf_sam import MultiStepAscent
+from hf_sam.engine.guarded import copy_where_
 from hf_sam.engine.momentum import MomentumPerturbation
 from hf_sam.engine.moved_weights import choose_mode
 
@@ -28,8 +29,8 @@ class StorageWrites(TorchDispatchMode):
     """Records every operator that writes (in place or as ``out=``) into one of the given storages.
 
     The fused SGD kernel's schema marks its gradients mutable, but it writes them only when given a
-    ``grad_scale`` (PyTorch's "conditional gradient store"; checked below): without one, only its first
-    argument counts as written."""
+    ``grad_scale`` (PyTorch's "conditional gradient store"; checked below): without one, only its
+    parameters and momentum buffers count as written."""
 
     def __init__(self, storages) -> None:
         super().__init__()
@@ -41,13 +42,24 @@ class StorageWrites(TorchDispatchMode):
         schema = func._schema
         values = list(args) + [kwargs.get(a.name) for a in schema.arguments[len(args) :]]
         if schema.name == "aten::_fused_sgd_" and kwargs.get("grad_scale") is None:
-            values = values[:1]
+            values = [values[0], None, values[2]]
         for arg, value in zip(schema.arguments, values, strict=False):
             if arg.alias_info is not None and arg.alias_info.is_write:
                 for t in tree_flatten(value)[0]:
                     if isinstance(t, torch.Tensor) and _storage(t) in self.storages:
                         self.hits.append(str(func.overloadpacket))
         return func(*args, **kwargs)
+
+
+def _engine(params, out_of_place=None, **kwargs) -> MultiStepAscent:
+    """``out_of_place``: the first move's way (None: the engine's choice on this device, out of place on the
+    CPU; False: the copy into the buffer and the guarded add that accelerators use)."""
+    engine = MultiStepAscent(params, **kwargs)
+    engine._moved.out_of_place = out_of_place
+    return engine
+
+
+FIRST_MOVES = [None, False]
 
 
 def _params():
@@ -114,21 +126,30 @@ def test_the_fused_sgd_kernel_writes_its_gradients_only_with_a_grad_scale():
     assert not torch.equal(g[0], before), "with a grad_scale it unscales them in place"
 
 
-def test_the_write_detector_sees_the_copy_way_restore():
+@pytest.mark.parametrize("out_of_place,move", [(None, "aten._foreach_addcmul"), (False, "aten._fused_sgd_")])
+def test_the_write_detector_sees_the_copy_way_move_and_restore(out_of_place, move):
     params = _params()
-    engine = MultiStepAscent(params, ascent_steps=1, rho=0.1, perturbed_weights="copy")
+    engine = _engine(params, out_of_place, ascent_steps=1, rho=0.1, perturbed_weights="copy")
     _step(engine, params, 1)
     with StorageWrites([_storage(p) for p in params[:2]]) as writes:
         _step(engine, params, 1)
-    assert "aten._foreach_copy_" in writes.hits and "aten._fused_sgd_" in writes.hits
+    assert "aten._foreach_copy_" in writes.hits and move in writes.hits
 
 
+def test_the_write_detector_sees_a_fused_sgd_momentum_buffer():
+    target, scratch = torch.zeros(5), torch.zeros(5)
+    with StorageWrites([_storage(target)]) as writes:
+        copy_where_([target], [torch.ones(5)], torch.tensor(True), [scratch])
+    assert writes.hits == ["aten._fused_sgd_"] and torch.equal(target, torch.ones(5))
+
+
+@pytest.mark.parametrize("out_of_place", FIRST_MOVES)
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_swap_never_writes_w_and_points_back_after_the_step(config):
+def test_swap_never_writes_w_and_points_back_after_the_step(config, out_of_place):
     params = _params()
     w = [p.detach().clone() for p in params]
     homes = [_storage(p) for p in params[:2]]
-    engine = MultiStepAscent(params, rho=0.1, **config)
+    engine = _engine(params, out_of_place, rho=0.1, **config)
     assert engine.perturbed_weights == "swap"
     for _ in range(2):  # the second step reuses the buffers
         seen = []
@@ -145,21 +166,24 @@ def test_swap_never_writes_w_and_points_back_after_the_step(config):
                 assert not all(torch.equal(v, x) for v, x in zip(values, w[:2], strict=True)), "the passes moved"
 
 
+@pytest.mark.parametrize("way", ["swap", "copy"])
+@pytest.mark.parametrize("out_of_place", FIRST_MOVES)
 @pytest.mark.parametrize("k,poison_at", [(1, 1), (3, 1), (3, 2), (3, 3)])
-def test_a_dropped_ascent_descends_at_w_and_points_back(k, poison_at):
+def test_a_dropped_ascent_descends_at_w_and_points_back(k, poison_at, out_of_place, way):
     params = _params()
     w = [p.detach().clone() for p in params[:2]]
     homes = [_storage(p) for p in params[:2]]
-    engine = MultiStepAscent(params, ascent_steps=k, rho=0.1, descent="mean")
+    engine = _engine(params, out_of_place, ascent_steps=k, rho=0.1, descent="mean", perturbed_weights=way)
     _step(engine, params, k)
     seen = []
     with StorageWrites(homes) as writes:
         _step(engine, params, k, poison_at=poison_at, seen=seen)
-    assert engine.skipped and writes.hits == []
+    assert engine.skipped and (writes.hits == [] or way == "copy")
     descent_values = seen[-1][1]
     assert all(torch.equal(v, x) for v, x in zip(descent_values, w, strict=True)), "the descent is at w"
     assert [_storage(p) for p in params[:2]] == homes
     assert all(torch.equal(p, x) for p, x in zip(params[:2], w, strict=True))
+    assert not any(torch.isnan(p).any() for p in engine._moved.buffers), "the buffer was put back at w"
     # the descent's gradient is a plain step's: the dropped ascent's gradients are not in it
     assert all(torch.equal(p.grad, _cubic(x)) for p, x in zip(params[:2], w, strict=True))
 
@@ -180,11 +204,13 @@ def test_an_error_in_a_pass_points_back_at_w(fail_at):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_swap_and_copy_take_the_same_steps_bit_for_bit(config):
-    # the copy way is the engine's earlier, reference-checked path: three steps with SGD in between
+    # the copy way with the guarded first move is the engine's earlier, reference-checked path: three
+    # steps with SGD in between, the first move out of place or not, must all agree bit for bit
     finals = {}
-    for mode in ("swap", "copy"):
+    for mode in ("swap", "copy", "swap-guarded", "copy-guarded"):
         params = _params()
-        engine = MultiStepAscent(params, rho=0.1, perturbed_weights=mode, **config)
+        way, _, guarded = mode.partition("-")
+        engine = _engine(params, False if guarded else None, rho=0.1, perturbed_weights=way, **config)
         grads = []
         for _ in range(3):
             _step(engine, params, config["ascent_steps"])
@@ -194,10 +220,11 @@ def test_swap_and_copy_take_the_same_steps_bit_for_bit(config):
                     p -= 0.1 * p.grad
                     p.grad = None
         finals[mode] = ([p.detach().clone() for p in params], grads, engine.perturbation_norm)
-    (w_swap, g_swap, n_swap), (w_copy, g_copy, n_copy) = finals["swap"], finals["copy"]
-    assert all(torch.equal(a, b) for a, b in zip(w_swap, w_copy, strict=True))
-    assert all(torch.equal(a, b) for s, c in zip(g_swap, g_copy, strict=True) for a, b in zip(s, c, strict=True))
-    assert torch.equal(torch.as_tensor(n_swap), torch.as_tensor(n_copy))
+    w_ref, g_ref, n_ref = finals.pop("copy-guarded")
+    for w_way, g_way, n_way in finals.values():
+        assert all(torch.equal(a, b) for a, b in zip(w_way, w_ref, strict=True))
+        assert all(torch.equal(a, b) for s, c in zip(g_way, g_ref, strict=True) for a, b in zip(s, c, strict=True))
+        assert torch.equal(torch.as_tensor(n_way), torch.as_tensor(n_ref))
 
 
 def test_the_buffers_follow_the_weights_when_they_move():
