@@ -132,15 +132,23 @@ class MovedWeights:
             add_scaled_unless_([self._weights[j] for j in idx], directions, scale, skip, uniform)
             return
         self.moved = True
-        swap = self.mode == "swap"
-        targets = [(self._spare if swap else self._weights)[j] for j in idx]
         originals = [self._originals[j] for j in idx]
         # the step size in the weights' dtype, as the fused kernel rounds it (and a 0-d w does not promote)
         by_dtype = {d: clamped(scale, d).to(d) for d in {w.dtype for w in originals}}
         steps = [by_dtype[w.dtype] for w in originals]
-        torch.ops.aten._foreach_addcmul.Scalar_out(originals, directions, steps, 1, out=targets)
+        if self.mode == "copy":  # the same kernel in place: w is the snapshot's value, bit for bit
+            targets = [self._weights[j] for j in idx]
+            torch._foreach_addcmul_(targets, directions, steps)
+        else:
+            # the kernel writes new tensors (its out= form computes them and copies); the last step's are
+            # let go first, so that only one extra copy of the weights is ever held
+            for j in idx:
+                self._spare[j] = None
+            targets = torch._foreach_addcmul(originals, directions, steps)
+            for j, t in zip(idx, targets, strict=True):
+                self._spare[j] = t
         copy_where_(targets, originals, skip, directions)  # a dropped or zero ascent: back to w
-        if swap:
+        if self.mode == "swap":
             rest = sorted(set(range(len(self._weights))) - set(idx))  # no gradient this pass: at w
             if rest:
                 torch._foreach_copy_([self._spare[j] for j in rest], [self._originals[j] for j in rest])

@@ -126,7 +126,7 @@ def test_the_fused_sgd_kernel_writes_its_gradients_only_with_a_grad_scale():
     assert not torch.equal(g[0], before), "with a grad_scale it unscales them in place"
 
 
-@pytest.mark.parametrize("out_of_place,move", [(None, "aten._foreach_addcmul"), (False, "aten._fused_sgd_")])
+@pytest.mark.parametrize("out_of_place,move", [(None, "aten._foreach_addcmul_"), (False, "aten._fused_sgd_")])
 def test_the_write_detector_sees_the_copy_way_move_and_restore(out_of_place, move):
     params = _params()
     engine = _engine(params, out_of_place, ascent_steps=1, rho=0.1, perturbed_weights="copy")
