@@ -89,9 +89,17 @@ def global_norm(tensors: Sequence[Tensor], layout: ShardLayout | None = None, fl
     return layout.sum_of_squares(tensors, flags, dtype).sqrt()
 
 
+def dot64(x: Tensor, y: Tensor) -> Tensor:
+    """<x, y> summed in float64: the products in float32 at least (one rounding each, 6e-8 relative, where
+    float64 copies of both would cost five more passes over them), the sum in float64."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x, y = x.float(), y.float()
+    return torch.sum(x * y, dtype=torch.float64)
+
+
 def global_dot(a: Sequence[Tensor], b: Sequence[Tensor], layout: ShardLayout | None = None, flags=None) -> Tensor:
-    """<a, b> in float64 over all ranks (diagnostics only: a kernel per tensor)."""
-    parts = [(x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)]
+    """<a, b> over all ranks, summed in float64 (:func:`dot64`; a kernel per tensor)."""
+    parts = [dot64(x, y) for x, y in zip(a, b, strict=True)]
     if layout is None or not layout.sharded:
         return torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64)
     sharded = sum((v for v, f in zip(parts, flags, strict=True) if f), torch.zeros((), dtype=torch.float64))
@@ -110,7 +118,7 @@ def grad_like(param: Tensor, local_grad: Tensor) -> Tensor:
 
 def per_tensor_dots(a: Sequence[Tensor], b: Sequence[Tensor], layout: ShardLayout | None = None, flags=None) -> Tensor:
     """<a_j, b_j> for every tensor j, in float64 over all ranks: a 1-d tensor (one all-reduce for shards)."""
-    dots = torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)])
+    dots = torch.stack([dot64(x, y) for x, y in zip(a, b, strict=True)])
     if layout is None or not layout.sharded:
         return dots
     mask = torch.tensor(flags, device=dots.device)

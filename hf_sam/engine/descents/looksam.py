@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..guarded import add_scaled_unless_, replace_where_
+from ..guarded import add_scaled_unless_, copy_where_
 from ..tensors import ShardLayout, global_dot, global_norm, per_tensor_dots
 from .base import CleanGradientDescent, DescentContext
 
@@ -65,9 +65,9 @@ class LookSAMDescent(CleanGradientDescent):
             c = per_tensor_dots(g, g_s, layout, flags) / squared.clamp_min(_TINY)
             torch._foreach_mul_(g, list(c.to(device=g[0].device, dtype=g[0].dtype).unbind()))
         torch._foreach_sub_(g_s, g)  # g_s - c g
-        # a non-finite step (fp16 overflow) keeps the last g_v (zero before the first)
+        # a non-finite step (fp16 overflow) keeps the last g_v (zero before the first); g is spent: scratch
         bad = ~torch.isfinite(global_norm(g_s, layout, flags))
-        replace_where_(g_s, self.g_v if self.g_v is not None else [torch.zeros_like(t) for t in g_s], bad)
+        copy_where_(g_s, self.g_v if self.g_v is not None else [torch.zeros_like(t) for t in g_s], bad, g)
         self._set_g_v(g_s)
 
     def _set_g_v(self, g_v: list[Tensor] | None) -> None:
