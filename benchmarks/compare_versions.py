@@ -8,6 +8,7 @@ ratio this/baseline with a 95% interval, sampled until it is narrower than --tar
 
     git worktree add /tmp/base 9c08dfa
     OMP_NUM_THREADS=1 python benchmarks/compare_versions.py --baseline /tmp/base --model resnet --k 1
+    OMP_NUM_THREADS=1 python benchmarks/compare_versions.py --baseline /tmp/base --model bert --sam sam_descent=gsam
 """
 
 from __future__ import annotations
@@ -35,16 +36,29 @@ def load_baseline(checkout: str):
     return importlib.import_module("hf_sam_baseline")
 
 
-def _step_with(package, model, batch, k: int, rule: str):
-    """make_variant's SAM step, built with ``package``'s SAMTrainer."""
+def _step_with(package, model, batch, k: int, rule: str, sam_args: dict):
+    """make_variant's SAM step, built with ``package``'s SAMTrainer (``sam_args``: more SAMTrainingArguments)."""
     import hf_sam
 
     saved = hf_sam.SAMTrainer, hf_sam.SAMTrainingArguments
     hf_sam.SAMTrainer, hf_sam.SAMTrainingArguments = package.SAMTrainer, package.SAMTrainingArguments
     try:
-        return make_variant("sam", model, batch, k, rule, False, "cpu")
+        return make_variant("sam", model, batch, k, rule, False, "cpu", **sam_args)
     finally:
         hf_sam.SAMTrainer, hf_sam.SAMTrainingArguments = saved
+
+
+def _field(item: str, parser: argparse.ArgumentParser) -> tuple[str, object]:
+    """``sam_descent=gsam`` -> ("sam_descent", "gsam"); numbers and booleans are converted."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.startswith("sam_"):
+        parser.error(f"--sam takes FIELD=VALUE with a sam_* field, got {item!r}")
+    for convert in (int, float):
+        try:
+            return key, convert(text)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(text.lower(), text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rule", default="normalized")
     parser.add_argument("--target", type=float, default=0.005)
     parser.add_argument("--time_cap", type=float, default=240.0)
+    parser.add_argument(
+        "--sam", nargs="*", default=[], metavar="FIELD=VALUE", help="More SAMTrainingArguments, e.g. sam_descent=gsam."
+    )
     args = parser.parse_args(argv)
+    sam_args = dict(_field(item, parser) for item in args.sam)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     import hf_sam
 
@@ -64,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     model, batch = case.build()
     model.train()
     runners = {
-        "this": _step_with(hf_sam, model, batch, args.k, args.rule),
-        "baseline": _step_with(baseline, model, batch, args.k, args.rule),
+        "this": _step_with(hf_sam, model, batch, args.k, args.rule, sam_args),
+        "baseline": _step_with(baseline, model, batch, args.k, args.rule, sam_args),
         "floor": make_variant("floor", model, batch, args.k, "-", False, "cpu"),
     }
     for _ in range(3):
@@ -79,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     stopped = rounds.sample_until(
         _timer(runners, "cpu"), widths, args.target, 30, 100_000, args.time_cap, time.perf_counter
     )
-    print(f"# {case.name}, k={args.k}, {args.rule}; {len(rounds)} rounds, stopped by the {stopped}")
+    extra = "".join(f", {key}={value}" for key, value in sam_args.items())
+    print(f"# {case.name}, k={args.k}, {args.rule}{extra}; {len(rounds)} rounds, stopped by the {stopped}")
     for a, b in (("this", "baseline"), ("this", "floor"), ("baseline", "floor")):
         iv = ratio_interval(rounds.times[a], rounds.times[b])
         print(f"{a:>8} / {b:<8} {iv.estimate:.4f} [{iv.low:.4f}, {iv.high:.4f}]")

@@ -73,9 +73,12 @@ def test_profile_step_splits_a_step():
 
 
 def test_compare_versions_against_this_checkout():
-    # the same code on both sides: the ratio is printed with its interval, and the run stops at once
+    # the same code on both sides: the ratio is printed with its interval, and the run stops at once; both
+    # sides get the extra SAMTrainingArguments (here GSAM's descent)
+    command = ["benchmarks/compare_versions.py", "--baseline", str(ROOT), "--target", "1.0"]
+    command += ["--sam", "sam_descent=gsam"]
     result = subprocess.run(
-        [sys.executable, "benchmarks/compare_versions.py", "--baseline", str(ROOT), "--target", "1.0"],
+        [sys.executable, *command],
         cwd=ROOT,
         env=ENV,
         check=True,
@@ -85,4 +88,4 @@ def test_compare_versions_against_this_checkout():
     line = next(line for line in result.stdout.splitlines() if "this / baseline" in line)
     estimate, low, high = (float(x.strip("[],")) for x in line.split()[-3:])
     assert low <= estimate <= high and 0.8 < estimate < 1.25
-    assert "30 rounds, stopped by the interval" in result.stdout
+    assert "30 rounds, stopped by the interval" in result.stdout and "sam_descent=gsam" in result.stdout
