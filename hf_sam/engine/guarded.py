@@ -34,18 +34,28 @@ def add_scaled_unless_(
     if targets_uniform and all(s.is_contiguous() for s in sources):
         _fused_add(list(targets), list(sources), scale, found_inf)
         return
-    # the kernel pairs elements by memory order (on the CPU it does not check layouts): contiguous
-    # pairs of one dtype and device go to it; anything else is masked tensor by tensor (rare)
-    fused: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
-    for t, s in zip(targets, sources, strict=True):
-        if t.is_contiguous() and s.is_contiguous() and s.dtype == t.dtype and s.device == t.device:
-            pair = fused.setdefault((t.device, t.dtype), ([], []))
-            pair[0].append(t)
-            pair[1].append(s)
-        else:
-            t.add_(torch.where(skip, torch.zeros((), dtype=t.dtype, device=t.device), s * scale.to(t.dtype)))
-    for ts, ss in fused.values():
+    groups, rest = _fusable(targets, sources)
+    for t, s in rest:
+        t.add_(torch.where(skip, torch.zeros((), dtype=t.dtype, device=t.device), s * scale.to(t.dtype)))
+    for ts, ss in groups.values():
         _fused_add(ts, ss, scale, found_inf)
+
+
+def _fusable(*lists: Sequence[Tensor]) -> tuple[dict, list[tuple[Tensor, ...]]]:
+    """The fused kernel pairs elements by memory order (on the CPU it does not check layouts): the
+    positions where every list's tensor is contiguous, of one dtype and device, grouped by (device,
+    dtype) as one list per argument, and the other positions' tensors (rare: masked one by one)."""
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], ...]] = {}
+    rest: list[tuple[Tensor, ...]] = []
+    for row in zip(*lists, strict=True):
+        first = row[0]
+        if all(t.is_contiguous() and t.dtype == first.dtype and t.device == first.device for t in row):
+            columns = groups.setdefault((first.device, first.dtype), tuple([] for _ in row))
+            for column, t in zip(columns, row, strict=True):
+                column.append(t)
+        else:
+            rest.append(row)
+    return groups, rest
 
 
 def _fused_add(targets: list[Tensor], sources: list[Tensor], scale: Tensor, found_inf: Tensor) -> None:
@@ -99,17 +109,10 @@ def copy_where_(targets: Sequence[Tensor], sources: Sequence[Tensor], flag: Tens
     ``x - 0 * s``, which keeps every value of ``x`` but may flip the sign of a zero. Layouts the kernel
     cannot take are copied tensor by tensor with a mask (rare)."""
     run = (~flag).to(torch.float32)  # the kernel's found_inf: it skips when set
-    fused: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
-    for t, s, x in zip(targets, sources, scratch, strict=True):
-        same = s.dtype == t.dtype == x.dtype and s.device == t.device == x.device
-        if same and t.is_contiguous() and s.is_contiguous() and x.is_contiguous():
-            group = fused.setdefault((t.device, t.dtype), ([], [], []))
-            group[0].append(t)
-            group[1].append(s)
-            group[2].append(x)
-        else:
-            t.copy_(torch.where(flag.to(t.device), s, t))
-    for (device, _), (ts, ss, xs) in fused.items():
+    groups, rest = _fusable(targets, sources, scratch)
+    for t, s, _ in rest:
+        t.copy_(torch.where(flag.to(t.device), s, t))
+    for (device, _), (ts, ss, xs) in groups.items():
         torch._fused_sgd_(
             xs, ss, ts, weight_decay=0.0, momentum=1.0, lr=0.0, dampening=0.0, nesterov=False,
             maximize=False, is_first_step=True, found_inf=run.to(device),

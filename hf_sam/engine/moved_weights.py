@@ -5,7 +5,7 @@ Two ways, one contract (the weights after the step are w, bit for bit, whatever 
 * ``swap``: the perturbed point is built in a second buffer per tensor, and the parameters are pointed at
   it (``p.data = buffer``) for the ascent and descent passes, then pointed back at their own storage,
   which nothing wrote in the meantime. There is no restore copy: restoring is bit-exact because w was
-  never touched. A step writes the buffer once, in its first move (below), where the copy way costs a
+  never touched. A step writes the buffer in its first move (below), where the copy way costs a
   snapshot and a restore copy besides.
 * ``copy``: the perturbed point is built in the parameters' own storage after a snapshot of w, which
   is copied back at the end. It is the way wherever a parameter's storage must not change: FSDP2's
