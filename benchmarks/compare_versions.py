@@ -24,8 +24,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import _timer, cases, make_variant  # noqa: E402
+from bench_step import cases, make_variant  # noqa: E402
 from intervals import Rounds, ratio_interval  # noqa: E402
+from step_timer import StepTimer  # noqa: E402
 
 
 def load_baseline(checkout: str):
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return [ratio_interval(r.times["this"], r.times["baseline"], resamples=1000).half_width]
 
     stopped = rounds.sample_until(
-        _timer(runners, "cpu"), widths, args.target, 30, 100_000, args.time_cap, time.perf_counter
+        StepTimer(runners, "cpu", 0.0), widths, args.target, 30, 100_000, args.time_cap, time.perf_counter
     )
     extra = "".join(f", {key}={value}" for key, value in sam_args.items())
     print(f"# {case.name}, k={args.k}, {args.rule}{extra}; {len(rounds)} rounds, stopped by the {stopped}")

@@ -7,7 +7,9 @@ Each run trains a small MLP classifier for 4 steps (SAM k=2, synchronized ascent
 projected+ASAM+mean) in its own process under torchrun, once with ``--deepspeed`` (ZeRO-2) and once
 without, then the final weights and the wall time of the steps are compared. fp32 under DeepSpeed:
 SAMTrainer refuses DeepSpeed's bf16 and fp16 (README, "Several GPUs"); the bf16 case checks that the
-refusal comes before training. Needs deepspeed on the device (carry a wheel, as for the peer).
+refusal comes before training. Needs deepspeed on the device (carry a wheel, as for the peer). Each mode
+is one torchrun launch running every case. HF_SAM_GPU_DRY_RUN=1 runs the same on the CPU, with the gloo
+recipe of ../shared/TRAINER_NOTES.md ("DeepSpeed on a CPU").
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ import tempfile
 import time
 
 import torch
-from gpu_fsdp_check import sam_trainer  # the same small classifier and rows as the FSDP2 check
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_env import DRY_RUN, device_ready, verdict  # noqa: E402
+from gpu_fsdp_check import sam_trainer  # noqa: E402 - the same small classifier and rows as the FSDP2 check
+
+PART = "deepspeed"
 
 CASES = {
     "normalized": dict(sam_ascent_steps=2),
@@ -36,10 +43,16 @@ ZERO2 = {
 }
 
 
-def worker(out: str, case: str, deepspeed: str) -> None:
+def _case(out: str, case: str, deepspeed: str) -> None:
+    from accelerate.state import AcceleratorState
+
+    # accelerate takes a DeepSpeed plugin only in the first Accelerator of a process: forget it between cases
+    AcceleratorState._reset_state(reset_partial_state=False)
     extra = {}
     if deepspeed != "none":
         extra["deepspeed"] = {**ZERO2, **({"bf16": {"enabled": True}} if deepspeed == "bf16" else {})}
+        if DRY_RUN:  # the process group comes from the PartialState made in worker()
+            extra["accelerator_config"] = {"use_configured_state": True}
     try:
         trainer = sam_trainer(os.path.join(out, f"{case}-{deepspeed}"), CASES[case], extra)
     except ValueError as err:  # the bf16 case: refused before training
@@ -52,23 +65,45 @@ def worker(out: str, case: str, deepspeed: str) -> None:
     torch.save({"weights": weights, "seconds": seconds}, os.path.join(out, f"{case}-{deepspeed}.pt"))
 
 
+def worker(out: str, deepspeed: str) -> None:
+    if DRY_RUN and deepspeed == "deepspeed":  # accelerate picks no process group without CUDA: make a gloo one
+        from accelerate import PartialState
+
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo")
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    for case in CASES:  # the DeepSpeed launch runs the fp32 cases, then checks the bf16 refusal
+        for mode in ("fp32", "bf16") if deepspeed == "deepspeed" else ("none",):
+            _case(out, case, mode)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # skip gloo's teardown, which can abort under load
+
+
 def main() -> int:
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        worker(os.environ["DS_CHECK_OUT"], sys.argv[2], sys.argv[3])
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        worker(os.environ["DS_CHECK_OUT"], sys.argv[2])
         return 0
-    if not torch.cuda.is_available():
-        print("gpu_deepspeed_check: no CUDA device (the CPU check is tests/distributed/test_deepspeed.py).")
-        return 2
+    if not device_ready(PART):
+        return 1
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as error:
+        return verdict(PART, False, f"deepspeed does not import: {error}")
     out = tempfile.mkdtemp(prefix="ds_check_")
+    errors = []
+    for mode in ("none", "deepspeed"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", __file__, "--worker", mode]
+        proc = subprocess.run(cmd, env={**os.environ, "DS_CHECK_OUT": out}, capture_output=True, text=True)
+        if proc.returncode:
+            print(proc.stderr[-3000:])
+            errors.append(f"{mode} run: " + " ".join(proc.stderr.strip().splitlines()[-1:]))
     rows = []
     for case in CASES:
-        for mode in ("none", "fp32", "bf16"):
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", __file__, "--worker", case,
-                   mode]  # fmt: skip
-            proc = subprocess.run(cmd, env={**os.environ, "DS_CHECK_OUT": out}, capture_output=True, text=True)
-            if proc.returncode:
-                print(proc.stderr[-3000:])
-                rows.append({"case": case, "mode": mode, "error": proc.stderr.strip().splitlines()[-1:]})
         try:
             plain, zero2, bf16 = (torch.load(os.path.join(out, f"{case}-{m}.pt")) for m in ("none", "fp32", "bf16"))
         except FileNotFoundError:
@@ -81,7 +116,13 @@ def main() -> int:
             }
         )  # fmt: skip
     print(json.dumps(rows, indent=1))
-    return 0 if rows and all("error" not in r and r["bf16_refused"] for r in rows) else 1
+    ok = not errors and len(rows) == len(CASES) and all(r["bf16_refused"] and r["max_abs_diff"] <= 1e-5 for r in rows)
+    worst = max((r["max_abs_diff"] for r in rows), default=float("nan"))
+    what = "; ".join(errors) if errors else (
+        f"{len(rows)} cases under ZeRO-2, largest weight difference to the run without DeepSpeed {worst:.2e}, "
+        f"bf16 parameters {'refused' if all(r['bf16_refused'] for r in rows) else 'NOT refused'} before training"
+    )  # fmt: skip
+    return verdict(PART, ok, what)
 
 
 if __name__ == "__main__":

@@ -1,37 +1,69 @@
 #!/usr/bin/env bash
-# The one prepared run for a lent GPU: the bf16/fp16 check, the sync check, the GPU benchmark, the
-# profile of one step, the FSDP2 check and the DeepSpeed ZeRO-2 check, each under its own time limit so
-# one slow part cannot eat the others; outputs under $OUT.
+# The one prepared run for a lent GPU, every part under its own time limit so one slow part cannot eat the
+# others, each ending with one line that starts OK or FAIL; 8 files under $OUT (or ./gpu_out):
+#   versions.txt  precision.txt  sync.txt  bench.txt  bench.json  profile.txt  fsdp2.txt  deepspeed.txt
+# Under 8 minutes on one H200 with the image's own torch, transformers and accelerate.
 #
-# Needs only torch and transformers there (hf_sam runs from the checkout). The peer comes as a wheel;
-# once, here, in the repo's root:
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: -d .whl pytorch-optimizer==4.1.0
-#   DS_BUILD_OPS=0 python3 -m pip wheel --no-deps -w .whl deepspeed==0.19.8 hjson==3.1.0 py-cpuinfo==9.0.0
-# then run it with the device tool: command "bash benchmarks/gpu_session.sh", carry [".whl"],
-# timeout_s 560. Record the tables in benchmarks/RESULTS.md with the date, the card and the
-# versions (versions.txt).
+# On a GPU: once, here, `bash benchmarks/gpu_wheels.sh` (the peer and DeepSpeed with what the image lacks),
+# then the device tool: command "bash benchmarks/gpu_session.sh", carry [".whl"], timeout_s 560. Record the
+# tables in benchmarks/RESULTS.md with the date, the card and the versions (versions.txt).
+#
+# Dry run: `HF_SAM_GPU_DRY_RUN=1 bash benchmarks/gpu_session.sh` runs every part on the CPU with tiny models
+# (same scripts, same files, under 3 minutes); CI runs it, so a script that would crash on a GPU fails here.
 set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-if ls .whl/*.whl >/dev/null 2>&1; then
+dry=${HF_SAM_GPU_DRY_RUN:-0}
+if [ "$dry" = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl &&
         export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-{
-    nvidia-smi
-    python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
-} >"$out/versions.txt" 2>&1
-cat "$out/versions.txt"
-timeout 90 python3 benchmarks/gpu_check.py 2>&1 | tee "$out/gpu_check.txt"
+
+# part NAME LIMIT_S FILE COMMAND...: run it under a time limit into FILE; a part that ends without its
+# verdict line (a crash, the time limit) gets a FAIL line saying how it ended
+part() {
+    local name=$1 limit=$2 file=$out/$3
+    shift 3
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$file" 2>&1
+    local rc=$?
+    if ! tail -n 1 "$file" | grep -qE '^(OK|FAIL) '; then
+        local why="exit status $rc"
+        [ "$rc" = 124 ] && why="killed at its ${limit} s limit"
+        echo "FAIL $name: ended without a verdict ($why; the output above)" >>"$file"
+    fi
+    echo "[$((SECONDS - start)) s] $(tail -n 1 "$file")"
+}
+
+versions() {
+    [ "$dry" = 0 ] && nvidia-smi
+    python3 -c "
+import importlib.metadata, sys, torch, transformers, accelerate
+found = {'python': sys.version.split()[0], 'torch': torch.__version__, 'transformers': transformers.__version__,
+         'accelerate': accelerate.__version__}
+for name in ('deepspeed', 'pytorch-optimizer', 'peft', 'trl'):
+    try:
+        found[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        found[name] = 'absent'
+print('OK versions: ' + ', '.join(f'{k} {v}' for k, v in found.items()))
+"
+}
+
+export -f versions
+export dry
+part versions 60 versions.txt bash -c versions
+# bf16 and fp16 SAM steps on BERT-base and ViT-base: weights restored, finite
+part precision 90 precision.txt python3 benchmarks/gpu_check.py
 # no host sync inside a SAM step, under CUDA's sync debug mode
-timeout 60 python3 benchmarks/gpu_sync_check.py 2>&1 | tee "$out/gpu_sync_check.txt"
-# intervals: 45 s of rounds per model (--time_cap), BERT-base, ViT-base, ResNet-50 in bf16
-timeout 230 python3 benchmarks/bench_step.py --preset gpu --json "$out/gpu_results.json" 2>&1 | tee "$out/gpu_bench.txt"
-timeout 50 python3 benchmarks/profile_step.py --preset gpu --model bert-base --k 1 --steps 20 --torch_profiler 2>&1 |
-    tee "$out/gpu_profile.txt"
+part sync 60 sync.txt python3 benchmarks/gpu_sync_check.py
+# step time (CUDA events, samples >= 0.25 s), share of the bf16 peak, peak memory: BERT-base, ViT-base, ResNet-50
+part bench 270 bench.txt python3 benchmarks/bench_step.py --preset gpu --time_cap 40 --json "$out/bench.json"
+part profile 45 profile.txt python3 benchmarks/profile_step.py --preset gpu --model bert-base --k 1 --steps 20 \
+    --torch_profiler
 # FSDP2 through the Trainer against the same run without FSDP (one GPU, torchrun with one process)
-timeout 100 python3 benchmarks/gpu_fsdp_check.py 2>&1 | tee "$out/gpu_fsdp_check.txt"
-# DeepSpeed ZeRO-2 through the Trainer against the same run without DeepSpeed (fp32; bf16 must be refused)
-timeout 120 python3 benchmarks/gpu_deepspeed_check.py 2>&1 | tee "$out/gpu_deepspeed_check.txt"
+part fsdp2 75 fsdp2.txt python3 benchmarks/gpu_fsdp_check.py
+# DeepSpeed ZeRO-2 through the Trainer against the same run without DeepSpeed; bf16 parameters refused
+part deepspeed 90 deepspeed.txt python3 benchmarks/gpu_deepspeed_check.py
+python3 benchmarks/session_verdicts.py "$out"

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """GPU check: the SAM engine's calls inside a training step make no host sync, under CUDA's own
-sync debug mode (``torch.cuda.set_sync_debug_mode("error")`` raises on any synchronizing call).
+sync debug mode (``torch.cuda.set_sync_debug_mode("error")`` raises on any synchronizing call); with
+HF_SAM_GPU_DRY_RUN=1, on the CPU, where the host reads of tensor values stand for the syncs.
 
 The engine's phases (begin, every ascend, begin_descent, end_descent, restore) run in "error" mode
 for k in {1, 3}, each rule, descents last/mean/xsam, and with a non-finite ascent gradient injected;
@@ -13,23 +14,26 @@ the stock Trainer step's (k=0). The CPU counterpart is tests/engine/test_no_host
 
 from __future__ import annotations
 
-import contextlib
+import os
 import sys
-import warnings
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_env import (  # noqa: E402,E501
+    DEVICE,
+    DRY_RUN,
+    HostSyncError,
+    counting_syncs,
+    device_name,
+    device_ready,
+    no_host_sync,
+    synchronize,
+    verdict,
+)
+
+PART = "sync"
 PHASES = ("begin", "ascend", "begin_descent", "end_descent", "restore")
-
-
-@contextlib.contextmanager
-def sync_mode(mode: str):
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode(mode)
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
 
 
 def _strict(engine) -> None:
@@ -38,22 +42,23 @@ def _strict(engine) -> None:
         original = getattr(engine, name)
 
         def strict(*args, _original=original, **kwargs):
-            with sync_mode("error"):
+            with no_host_sync():
                 return _original(*args, **kwargs)
 
         setattr(engine, name, strict)
 
 
 def _trainer(k: int, options: dict):
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
     from bench_step import _bert
 
     from hf_sam import SAMTrainer, SAMTrainingArguments
 
-    model, batch = _bert(128, 2, 2, 512, 8, 32, "cuda")
+    size = (32, 1, 2, 64, 4, 8) if DRY_RUN else (128, 2, 2, 512, 8, 32)
+    model, batch = _bert(*size, DEVICE)
     args = SAMTrainingArguments(
-        output_dir="/tmp/hf_sam_sync_check", report_to=[], sam_ascent_steps=k, sam_rho=0.05, **options
-    )
+        output_dir="/tmp/hf_sam_sync_check", report_to=[], sam_ascent_steps=k, sam_rho=0.05,
+        use_cpu=DRY_RUN, **options,
+    )  # fmt: skip
     trainer = SAMTrainer(model=model, args=args)
     trainer.create_optimizer_and_scheduler(num_training_steps=10)
     trainer.current_gradient_accumulation_steps = 1
@@ -61,14 +66,13 @@ def _trainer(k: int, options: dict):
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
-        print("error: no CUDA device", file=sys.stderr)
-        return 2
+    if not device_ready(PART):
+        return 1
     failures = 0
     cases = [(k, {"sam_ascent_rule": rule}) for k in (1, 3) for rule in ("normalized", "projected", "accumulated")]
     cases += [(3, {"sam_descent": "mean"}), (3, {"sam_descent": "xsam", "sam_xsam_alpha": 0.5})]
     cases += [(3, {"sam_adaptive": True}), (3, {"sam_ascent_rule": "projected", "sam_step_mult": 0.6})]
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"# {device_name()}, torch {torch.__version__}")
     for k, options in cases:
         for poison in (False, True):
             trainer, model, batch = _trainer(k, options)
@@ -78,26 +82,30 @@ def main() -> int:
                 handle = model.bert.embeddings.word_embeddings.weight.register_hook(lambda g: g * float("nan"))
             try:
                 trainer.training_step(model, dict(batch))
-                torch.cuda.synchronize()
-                verdict = "no sync"
-            except RuntimeError as error:
-                verdict, failures = f"SYNC: {str(error).splitlines()[0][:80]}", failures + 1
+                synchronize()
+                found = "no sync"
+            except HostSyncError as error:
+                found, failures = f"SYNC: {str(error)[:80]}", failures + 1
             finally:
                 if poison:
                     handle.remove()
-            print(f"k={k} {options} non-finite={poison}: {verdict}")
+            print(f"k={k} {options} non-finite={poison}: {found}")
     counts = {}
     for k in (0, 3):
         trainer, model, batch = _trainer(k, {})
         trainer.training_step(model, dict(batch))
-        with warnings.catch_warnings(record=True) as caught, sync_mode("warn"):
-            warnings.simplefilter("always")
+        with counting_syncs() as found:
             trainer.training_step(model, dict(batch))
-        counts[k] = sum("synchroniz" in str(w.message) for w in caught)
+        counts[k] = found.count
     print(f"whole training_step, synchronizing calls: stock (k=0) {counts[0]}, SAM k=3 {counts[3]}")
     failures += counts[3] > counts[0]
-    print("OK" if not failures else f"FAILED: {failures}")
-    return 1 if failures else 0
+    return verdict(
+        PART,
+        not failures,
+        f"{2 * len(cases)} engine steps (rules, descents, ASAM, non-finite) "
+        + ("made no host sync" if not failures else f"with {failures} failure(s)")
+        + f"; whole step {counts[3]} sync(s) at k=3 against {counts[0]} for the stock step",
+    )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -18,7 +20,6 @@ BASE_ARGS = dict(
     report_to=[],
     logging_steps=1,
     save_strategy="no",
-    train_sampling_strategy="sequential",
     use_cpu=True,
     seed=0,
     disable_tqdm=True,
@@ -50,17 +51,39 @@ class LogRecorder(TrainerCallback):
         self.logs.append(dict(logs))
 
 
-def sam_trainer(tmp_path, model, data, callbacks=(), **overrides) -> SAMTrainer:
-    args = SAMTrainingArguments(output_dir=str(tmp_path), **{**BASE_ARGS, **overrides})
-    trainer = SAMTrainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks))
-    # set by the Trainer's loop; tests that call training_step directly bypass it
-    trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
+# early 5.x releases (5.0 among them) have no train_sampling_strategy: their train sampler is random
+HAS_SAMPLING_STRATEGY = "train_sampling_strategy" in {f.name for f in dataclasses.fields(TrainingArguments)}
+if HAS_SAMPLING_STRATEGY:
+    BASE_ARGS["train_sampling_strategy"] = "sequential"
+
+
+def _split_sampling(options: dict) -> tuple[dict, str]:
+    """The arguments this release takes, and the sampling strategy asked for (sequential by default)."""
+    strategy = options.get("train_sampling_strategy", "sequential")
+    if not HAS_SAMPLING_STRATEGY:
+        options = {k: v for k, v in options.items() if k != "train_sampling_strategy"}
+    return options, strategy
+
+
+def _with_sampling(trainer: Trainer, strategy: str) -> Trainer:
+    if strategy == "sequential" and not HAS_SAMPLING_STRATEGY:
+        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
     return trainer
 
 
+def sam_trainer(tmp_path, model, data, callbacks=(), **overrides) -> SAMTrainer:
+    options, strategy = _split_sampling({**BASE_ARGS, **overrides})
+    args = SAMTrainingArguments(output_dir=str(tmp_path), **options)
+    trainer = SAMTrainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks))
+    # set by the Trainer's loop; tests that call training_step directly bypass it
+    trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
+    return _with_sampling(trainer, strategy)
+
+
 def plain_trainer(tmp_path, model, data, callbacks=(), **overrides) -> Trainer:
-    args = TrainingArguments(output_dir=str(tmp_path), **{**BASE_ARGS, **overrides})
-    return Trainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks))
+    options, strategy = _split_sampling({**BASE_ARGS, **overrides})
+    args = TrainingArguments(output_dir=str(tmp_path), **options)
+    return _with_sampling(Trainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks)), strategy)
 
 
 def params_equal(a: dict, b: dict) -> bool:

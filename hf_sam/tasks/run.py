@@ -13,6 +13,7 @@ import numpy as np
 
 from ..metrics import load_metric
 from ..trainer.args import SAMTrainingArguments
+from ..trainer.compat import declare_loss_unscaled
 from ..trainer.mixin import SAMTrainer
 from .arguments import DataArguments, ModelArguments
 from .hub import HubUnavailableError
@@ -93,7 +94,7 @@ def build_trainer(
     )
     # Classification heads average their loss themselves and ignore num_items_in_batch: divide by the
     # accumulation steps as for any model whose loss is not already scaled.
-    trainer.loss_is_scaled_for_ga = False
+    declare_loss_unscaled(trainer)
     return trainer, task
 
 

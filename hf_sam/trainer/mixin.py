@@ -19,6 +19,7 @@ from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 from ..config import SAMConfig
 from ..engine.ascent import MultiStepAscent, scaled_loss
 from ..engine.descents.xsam import alpha_grid
+from . import compat
 from .args import SAMArgumentsMixin
 from .checks import check_launch, check_trainable_dtypes, perturbed_weights_mode
 from .every_n import EveryNSteps
@@ -190,14 +191,8 @@ class SAMMixin:
             loss = self.compute_loss(model, dict(prepared), num_items_in_batch=num_items_in_batch)
         if self.args.n_gpu > 1:
             loss = loss.mean()
-        if self.loss_is_scaled_for_ga is not None:
-            scaled = self.loss_is_scaled_for_ga
-        else:
-            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
-                self.compute_loss_func is not None
-            )
-        if not scaled:
-            loss = loss / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        if not compat.loss_is_scaled_for_ga(self, num_items_in_batch):
+            loss = loss / compat.accumulation_steps(self)
         backward(scaled_loss(loss, factor))
         return loss.detach()
 

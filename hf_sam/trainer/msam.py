@@ -30,7 +30,9 @@ def momentum_key(optimizer: torch.optim.Optimizer) -> str:
         return "exp_avg"
     raise ValueError(
         f"sam_method='msam' perturbs along the optimizer's momentum, and {type(inner).__name__} has none MSAM "
-        "can read: use SGD with momentum (--optim sgd --optim_args momentum=0.9) or Adam/AdamW (beta1 > 0)."
+        "can read: use SGD with momentum (--optim sgd --optim_args momentum=0.9; early transformers 5.x "
+        "releases, 5.0 among them, ignore optim_args for SGD: pass optimizers=(torch.optim.SGD(..., "
+        "momentum=0.9), None)) or Adam/AdamW (beta1 > 0)."
     )
 
 

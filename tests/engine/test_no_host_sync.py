@@ -8,11 +8,11 @@ and ``numpy()`` are wrapped. The counter is first shown to catch the reads the e
 
 from __future__ import annotations
 
-import contextlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import set_seed
 
 from hf_sam import MultiStepAscent
@@ -20,42 +20,8 @@ from hf_sam import MultiStepAscent
 from ..helpers import sam_trainer
 from ..tiny import TinyNet, batch_of, make_data
 
-_READ_OPS = {"aten._local_scalar_dense", "aten.equal", "aten.is_nonzero"}
-
-
-class HostReads(TorchDispatchMode):
-    """Counts reads of tensor values by the host while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func.overloadpacket) in _READ_OPS:
-            self.reads.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
-@contextlib.contextmanager
-def counting_host_reads():
-    counter = HostReads()
-    originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
-
-    def wrap(name):
-        def read(self, *args, **kwargs):
-            counter.reads.append(name)
-            return originals[name](self, *args, **kwargs)
-
-        return read
-
-    for name in originals:
-        setattr(torch.Tensor, name, wrap(name))
-    try:
-        with counter:
-            yield counter
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from host_reads import counting_host_reads  # noqa: E402 - shared with the GPU session's dry run
 
 
 def test_the_counter_sees_every_kind_of_read():
