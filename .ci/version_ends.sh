@@ -34,7 +34,10 @@ pip_in --no-deps -e "$root"  # this checkout's hf_sam
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 "$venv/bin/python" -c "import torch, transformers, accelerate; print('# $end:', 'torch', torch.__version__,
  'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
-mapfile -t subset < <(grep -v '^#' tests/version_ends.txt)
+# the floor's core venv has no trl (its floor needs a newer accelerate): its TRL step comes in a second phase
+skip='^#'
+[ "$end" = floor ] && skip='^#|test_trl'
+mapfile -t subset < <(grep -vE "$skip" tests/version_ends.txt)
 "$venv/bin/python" -m pytest -q -p no:cacheprovider "${subset[@]}"
 if [ "$end" = floor ]; then
     # TRL 1.16 needs accelerate >= 1.10.1: the TRL step on the core floors with that accelerate, then the
