@@ -46,8 +46,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_env import DRY_RUN, verdict  # noqa: E402
-from intervals import Interval, Rounds, ratio_interval  # noqa: E402
-from own_time import OWN_LIMIT, copy_variant, own_passes, own_time_row, own_verdict, weight_bytes  # noqa: E402
+from intervals import Interval, Rounds, median_interval, ratio_interval  # noqa: E402
+from own_time import (  # noqa: E402
+    OWN_LIMIT,
+    copy_variant,
+    own_passes,
+    own_time_row,
+    own_verdict,
+    phase_seconds,
+    weight_bytes,
+)
 from step_timer import StepTimer  # noqa: E402
 from step_variants import CYCLE, make_variant, variant_list  # noqa: E402, F401 - make_variant: for the other scripts
 from throughput import bf16_peak_flops, step_flops  # noqa: E402
@@ -56,6 +64,7 @@ TRAINER_LIMIT = 1.03  # SAM <= 1.03 x (stock Trainer step + k plain passes), whe
 PEER_LIMIT = 1.00  # never slower than the peer at k=1
 TRAINER_KEY, PEER_KEY = f"x trainer <= {TRAINER_LIMIT}", f"x peer <= {PEER_LIMIT}"
 OWN_KEY = f"own <= {OWN_LIMIT} x traffic"
+PHASES_KEY = f"phases <= {OWN_LIMIT} x traffic"
 COPY = ("copy", 0, "-")
 
 
@@ -313,6 +322,11 @@ def _verdicts(v, found: dict, case: Case, own: dict | None) -> dict:
         out[PEER_KEY] = found[v, "peer"].verdict(PEER_LIMIT)
     if own is not None:
         out[OWN_KEY] = own_verdict(own["ratio"])
+        if "phases" in own:
+            floor = own["floor_s"]
+            out[PHASES_KEY] = own_verdict(
+                Interval(*(x / floor for x in (own["phases"].estimate, own["phases"].low, own["phases"].high)))
+            )
     return out
 
 
@@ -334,7 +348,10 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--rounds", type=int, help="Exactly this many rounds (no stopping rule).")
     parser.add_argument("--warmup", type=int, default=3, help="At least this many warm-up rounds.")
     parser.add_argument(
-        "--warmup_cap", type=float, default=20.0, help="At most this many seconds of warm-up until the times settle."
+        "--warmup_cap",
+        type=float,
+        help="At most this many seconds of warm-up rounds until the step times settle (gpu 10; cpu 0: the "
+        "--warmup rounds only, the paired rounds absorb the CPU's drift).",
     )
     parser.add_argument(
         "--min_sample_s",
@@ -348,6 +365,9 @@ def parse_args(argv: list[str] | None):
         "--no_family", action="store_true", help=f"Skip the LookSAM (n={CYCLE}, k=1 and 3) and MSAM rows."
     )
     parser.add_argument("--no_own", action="store_true", help="Skip SAM's own time against its traffic floor.")
+    parser.add_argument(
+        "--phase_steps", type=int, default=30, help="Steps of the SAM rows with the engine's phases timed directly."
+    )
     parser.add_argument("--json", help="Write the rows as a JSON list here.")
     args = parser.parse_args(argv)
     gpu = args.preset == "gpu"
@@ -358,6 +378,7 @@ def parse_args(argv: list[str] | None):
     args.min_rounds = args.min_rounds or (8 if gpu else 30)
     args.min_sample_s = args.min_sample_s if args.min_sample_s is not None else (0.25 if gpu else 0.0)
     args.check_every = args.check_every or (2 if gpu else 5)
+    args.warmup_cap = args.warmup_cap if args.warmup_cap is not None else (10.0 if gpu else 0.0)
     if gpu and DRY_RUN:  # the same code path, briefly
         args.time_cap, args.min_rounds, args.min_sample_s, args.warmup_cap = 2.0, 3, 0.01, 2.0
     if args.rounds:
@@ -366,17 +387,30 @@ def parse_args(argv: list[str] | None):
     return args
 
 
+def _measure_memory(args, variant) -> bool:
+    """Every row on the CPU; on a GPU the k <= 1 rows the memory claim is about (each builds its model)."""
+    kind, k, _ = variant
+    if args.no_memory or kind == "copy":
+        return False
+    return args.preset == "cpu" or (kind in ("plain", "floor", "sam", "peer") and k <= 1)
+
+
 def _own_rows(args, runners: dict, rounds: Rounds, model) -> dict:
     """Per SAM row, its own time, traffic floor and their ratio (CPU rows; ``--no_own`` skips)."""
     if args.no_own or args.preset == "gpu":
         return {}
     weights = weight_bytes(model)
     out = {}
+    copy = statistics.median(rounds.times[COPY])
     for v in rounds.variants:
         if v[0] in ("sam", "looksam", "msam"):
             passes = own_passes(runners, v, weights)
             if passes > 0:
                 out[v] = {"passes": passes, **own_time_row(rounds.times, v, passes, resamples=4000)}
+                if v[0] == "sam":  # the engine's phases timed directly: resolvable where the difference is not
+                    phases = median_interval(phase_seconds(runners[v], args.phase_steps), resamples=4000)
+                    out[v]["phases"] = phases
+                    out[v]["phases_ratio"] = phases.estimate / (passes / 2 * copy)
     return out
 
 
@@ -426,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         own_rows = _own_rows(args, runners, rounds, model)
         for v in variants:
             kind, k, rule = v
-            peak = None if args.no_memory else peak_mib(args.preset, index, case, v, bf16, device)
+            peak = peak_mib(args.preset, index, case, v, bf16, device) if _measure_memory(args, v) else None
             got = {name: found.get((v, name)) for name in ("floor", "trainer", "peer")}
             own = own_rows.get(v)
             verdicts = _verdicts(v, found, case, own)
@@ -458,6 +492,12 @@ def main(argv: list[str] | None = None) -> int:
                     own_to_traffic=round(own["ratio"].estimate, 3),
                     own_to_traffic_ci95=own["ratio"].as_list(),
                 )
+                if "phases" in own:
+                    row.update(
+                        phases_ms=round(own["phases"].estimate * 1000, 3),
+                        phases_ms_ci95=[round(own["phases"].low * 1000, 3), round(own["phases"].high * 1000, 3)],
+                        phases_to_traffic=round(own["phases_ratio"], 3),
+                    )
             rows.append(row)
             traffic_ms = "" if own is None else f"{own['floor_s'] * 1000:.2f}"
             own_ms = (
@@ -474,6 +514,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'' if peak is None else f'{peak:8.1f}'}",
                 flush=True,
             )
+            if own is not None and "phases" in own:
+                p = own["phases"]
+                print(
+                    f"{'':28} {'':10} {'':>2} {'':11} engine phases timed directly: {p.estimate * 1000:.2f} ms "
+                    f"[{p.low * 1000:.2f},{p.high * 1000:.2f}] = {own['phases_ratio']:.2f} x the traffic floor "
+                    f"{own['floor_s'] * 1000:.2f} ms ({own['passes']:.1f} passes): {verdicts[PHASES_KEY]}",
+                    flush=True,
+                )
         widest = max(_target_widths(rounds))
         copy_ms = statistics.median(rounds.times[COPY]) * 1000
         bandwidth = 2 * weight_bytes(model) / (copy_ms / 1000) / 2**30

@@ -81,3 +81,38 @@ def own_time_row(times: dict, variant, passes: float, resamples: int) -> dict:
 
 def own_verdict(ratio: Interval) -> str:
     return ratio.verdict(OWN_LIMIT)
+
+
+ENGINE_PHASES = ("begin", "ascend", "begin_descent", "end_descent", "restore")
+
+
+def phase_seconds(run, steps: int) -> list[float]:
+    """SAM's own work timed directly: per step, the summed wall time of the engine's phases (the passes left
+    out, so no difference of two noisy step times). For the "sam" rows, whose runner carries its trainer."""
+    import time
+
+    engine = run.trainer._sam_engine
+    spent = [0.0]
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+
+        return wrapper
+
+    for name in ENGINE_PHASES:
+        setattr(engine, name, timed(getattr(engine, name)))
+    per_step = []
+    try:
+        for _ in range(steps):
+            spent[0] = 0.0
+            run()
+            per_step.append(spent[0])
+    finally:
+        for name in ENGINE_PHASES:
+            delattr(engine, name)  # the class's methods again
+    return per_step

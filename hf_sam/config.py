@@ -132,6 +132,12 @@ class SAMConfig:
                 f"it is used only by {prefix}ascent_rule='projected' (got {self.ascent_rule!r}); "
                 "leave it at 1.0 or switch the rule",
             )
+        if self.adaptive_eta != 0.01 and not self.adaptive:
+            fail(
+                "adaptive_eta",
+                self.adaptive_eta,
+                f"it is used only by ASAM ({prefix}adaptive=True); leave it at 0.01 or turn ASAM on",
+            )
         if k == 0 and self.descent in ("mean", "xsam"):
             fail("descent", self.descent, f"'{self.descent}' needs {prefix}ascent_steps >= 1")
         self._validate_xsam(fail, prefix)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .comparison_figures import compute_plot
 from .grid import parse_method
 from .tables import pareto_points
 
@@ -138,39 +139,6 @@ def _figure_ascent_losses(df, path: Path) -> None:
     plt.close(fig)
 
 
-def _figure_compute(df, path: Path) -> None:
-    """Per task: mean validation accuracy (95% t interval over seeds) against mean forward+backward passes,
-    one point per method and budget (o: equal epochs, s: equal compute), the Pareto front drawn."""
-    plt = _plt()
-    points = pareto_points(df)
-    tasks = sorted(points["task"].unique())
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.4), squeeze=False)
-    for j, task in enumerate(tasks):
-        ax = axes[0][j]
-        part = points[points["task"] == task]
-        for _, row in part.iterrows():
-            ax.errorbar(
-                row["passes"], row["accuracy"], yerr=[[row["accuracy"] - row["low"]], [row["high"] - row["accuracy"]]],
-                fmt="o" if row["budget"] == "epochs" else "s", color=FAMILY_COLORS[row["family"]], alpha=0.85,
-                markersize=5, capsize=2,
-            )  # fmt: skip
-            ax.annotate(row["method"], (row["passes"], row["accuracy"]), fontsize=6, xytext=(3, 2),
-                        textcoords="offset points")  # fmt: skip
-        front = part[part["on_front"]].sort_values("passes")
-        ax.step(front["passes"], front["accuracy"], where="post", color="grey", linestyle="--", linewidth=1,
-                label="Pareto front")  # fmt: skip
-        for family in sorted(part["family"].unique()):
-            ax.scatter([], [], color=FAMILY_COLORS[family], label=family)
-        ax.set_xlabel("forward+backward passes (mean over seeds)")
-        ax.set_ylabel("validation accuracy")
-        ax.set_title(f"{task}: accuracy vs compute (o equal epochs, s equal compute)", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _figure_landscapes(df, root: Path, path: Path) -> bool:
     plt = _plt()
     data = df[df["budget"] == df["budget"].iloc[0]].drop_duplicates("run_id")
@@ -219,5 +187,5 @@ def write_figures(data: pd.DataFrame, root: Path, figures: Path) -> None:
     _figure_accuracy(data, figures / "accuracy_vs_k.png")
     _figure_sharpness(data, figures / "sharpness_vs_k.png")
     _figure_ascent_losses(data, figures / "ascent_losses.png")
-    _figure_compute(data, figures / "accuracy_vs_compute.png")
+    compute_plot(pareto_points(data), figures / "accuracy_vs_compute.png")
     _figure_landscapes(data, root, figures / "landscapes.png")

@@ -32,6 +32,22 @@ TASKS: dict[str, TaskSpec] = {
         {"dataset_name": "embedded:digits"},
         {"num_train_epochs": 8, "learning_rate": 2e-3, "per_device_train_batch_size": 32},
     ),
+    # SAM's robustness to noisy labels (Foret et al. 2021): the same digits with 20% and 40% of the training
+    # labels flipped to another class (a fixed noise seed; validation and test clean)
+    "digits_noise20": TaskSpec(
+        "digits_noise20",
+        "image",
+        {"model_type": "resnet"},
+        {"dataset_name": "embedded:digits", "label_noise": 0.2},
+        {"num_train_epochs": 8, "learning_rate": 2e-3, "per_device_train_batch_size": 32},
+    ),
+    "digits_noise40": TaskSpec(
+        "digits_noise40",
+        "image",
+        {"model_type": "resnet"},
+        {"dataset_name": "embedded:digits", "label_noise": 0.4},
+        {"num_train_epochs": 8, "learning_rate": 2e-3, "per_device_train_batch_size": 32},
+    ),
     "mnist5k": TaskSpec(
         "mnist5k",
         "image",
@@ -239,6 +255,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # the family: the quick preset's tasks, seeds and measures with every member of the SAM family
 PRESETS["family"] = {**PRESETS["quick"], "methods": FAMILY_METHODS}
+# noisy labels, where SAM's effect is large: SAM k=1 vs AdamW and multi-step vs k=1 at both budgets; many
+# seeds (a run is seconds), lighter measures
+PRESETS["noisy"] = {
+    **PRESETS["quick"],
+    "tasks": ["digits_noise20", "digits_noise40"],
+    "methods": ["adamw", "sam", "normalized-k2", "normalized-k3"],
+    "seeds": list(range(20)),
+    "measure_examples": 128,
+    "landscape_points": 11,
+}
 
 
 @dataclass

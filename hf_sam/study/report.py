@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import verdicts
+from .comparison_figures import forest_plot
 from .figures import write_figures
 from .grid import StudyConfig
 from .tables import load_runs, markdown_table, pareto_points, summarize, with_budgets
@@ -76,11 +77,14 @@ def write_report(config: StudyConfig, root: Path) -> Path:
     (root / "results.json").write_text(df.to_json(orient="records", indent=1))
     data = with_budgets(df, config)
     summary = summarize(data)
-    verdict_frame = verdicts.verdict_table(data)
+    failed = verdicts.failed_runs(data)
+    verdict_frame = verdicts.verdict_table(data, failed=failed)
     verdict_frame.to_csv(root / "verdicts.csv", index=False)
     summary.to_csv(root / "summary.csv", index=False)
     (root / "summary.json").write_text(summary.to_json(orient="records", indent=1))
     write_figures(data, root, root / "figures")
+    if not verdict_frame.empty:
+        forest_plot(verdict_frame, root / "figures" / "differences.png")
     pareto_points(data).to_csv(root / "pareto.csv", index=False)
 
     table = summary[
@@ -136,11 +140,21 @@ def write_report(config: StudyConfig, root: Path) -> Path:
         "## Verdicts against SAM k=1",
         "",
         "Validation accuracy of every method minus SAM k=1's on the same task, budget and seed: the mean of "
-        "the seed-paired differences with its 95% Student t interval. The verdict comes from the interval "
-        "alone: *better* or *worse* when it excludes 0, *no difference shown* when it contains 0 (which is "
-        "not a proof of equality: few seeds give wide intervals).",
+        "the seed-paired differences with its 95% Student t interval and its half-width (±). The verdict comes "
+        "from the interval alone: *better* or *worse* when it excludes 0, *equivalent within ±1 point* when all "
+        "of it lies within ±0.01, *no difference shown* otherwise (not a proof of equality: the interval is "
+        "wider than the margin). Failed runs (below) are counted in; where leaving them out changes a verdict, "
+        "the last column says to what.",
         "",
         *verdicts.markdown(verdict_frame),
+        "![differences against SAM k=1](figures/differences.png)",
+        "",
+        "## Failed runs",
+        "",
+        f"Runs that ended within {100 * verdicts.CHANCE_SLACK:g} points of chance (1 / number of labels) or with "
+        "a non-finite training loss, with the cause where the logs tell it.",
+        "",
+        *verdicts.failed_markdown(failed),
         "## Accuracy against the number of ascent steps",
         "",
         "Mean over seeds, error bars one standard deviation. k = 0 (AdamW) and k = 1 (SAM) are shared by the rules.",
@@ -169,9 +183,10 @@ def write_report(config: StudyConfig, root: Path) -> Path:
         "## Accuracy against compute",
         "",
         "Can a cheaper method match multi-step SAM? Mean validation accuracy with its 95% interval over seeds "
-        "against the forward+backward passes each run made, one point per method and budget; the dashed line "
-        "is the Pareto front (no other point is as cheap and more accurate). The verdicts at equal passes are "
-        "the *compute* rows above; `pareto.csv` holds the points.",
+        "against the forward+backward passes per optimizer step (k + 1 for SAM, 1 + k/n for LookSAM, 1 for MSAM "
+        "and AdamW), a panel per task and budget; the dashed line is the panel's Pareto front (no other point "
+        "is as cheap per step and more accurate). The verdicts at equal passes are the *compute* rows above; "
+        "`pareto.csv` holds the points.",
         "",
         "![accuracy vs compute](figures/accuracy_vs_compute.png)",
         "",

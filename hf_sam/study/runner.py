@@ -115,6 +115,8 @@ def execute(config: StudyConfig, run: RunSpec, root: Path, surface: bool = False
         "train_seconds": train_seconds,
         "forward_backward_passes": forward_backward_passes(trainer),
         "optimizer_steps": trainer.state.global_step,
+        "num_labels": getattr(getattr(trainer.model, "config", None), "num_labels", None),  # chance = 1/labels
+        "eval_examples": len(task.eval_dataset),
         **_training_diagnostics(history),
     }
     measures, curves = measure(trainer, task, run, config, surface=surface)

@@ -67,6 +67,13 @@ def markdown_table(frame: pd.DataFrame, digits: int = 4) -> str:
     return "\n".join(lines)
 
 
+def _passes_per_step(runs: pd.DataFrame) -> float:
+    """Forward+backward passes per optimizer step, rounded to a tenth (k + 1 for SAM, 1 + k/n for LookSAM)."""
+    if "optimizer_steps" not in runs:
+        return float("nan")
+    return round(float((runs["forward_backward_passes"] / runs["optimizer_steps"]).mean()), 1)
+
+
 def pareto_points(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (task, budget, method): mean passes, mean accuracy with its 95% t interval over seeds,
     and whether the point is on the task's Pareto front (no other point has at most its passes and a
@@ -82,6 +89,7 @@ def pareto_points(df: pd.DataFrame) -> pd.DataFrame:
             {
                 "task": task, "budget": budget, "method": method, "family": family, "seeds": n,
                 "passes": float(runs["forward_backward_passes"].mean()), "accuracy": mean,
+                "passes_per_step": _passes_per_step(runs),
                 "low": mean - half, "high": mean + half,
             }
         )  # fmt: skip

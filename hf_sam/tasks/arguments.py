@@ -78,6 +78,14 @@ class DataArguments:
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for datasets.map."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Recompute the preprocessed data."})
+    label_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "Symmetric label noise: this fraction of the training labels flipped, each to another class at "
+            "random (validation and test stay clean)."
+        },
+    )
+    label_noise_seed: int = field(default=0, metadata={"help": "The seed of the flipped labels (fixed across runs)."})
 
     def __post_init__(self) -> None:
         if self.dataset_name is None and self.train_file is None and self.validation_file is None:
@@ -85,6 +93,8 @@ class DataArguments:
                 "Give --dataset_name (a hub data set or embedded:digits / embedded:mnist5k / "
                 "embedded:rotten_tomatoes) or --train_file/--validation_file."
             )
+        if not 0.0 <= self.label_noise < 1.0:
+            raise ValueError(f"label_noise={self.label_noise} is invalid: it must be in [0, 1).")
         if not 0.0 < self.train_val_split < 1.0:
             raise ValueError(f"train_val_split={self.train_val_split} is invalid: it must be in (0, 1).")
         for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):

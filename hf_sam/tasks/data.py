@@ -8,6 +8,7 @@ from pathlib import Path
 from .arguments import DataArguments, ModelArguments
 from .embedded import IMAGE_DATASETS, TEXT_DATASETS, is_embedded, load_embedded
 from .hub import from_hub
+from .label_noise import with_label_noise
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ def load_raw_datasets(data_args: DataArguments, model_args: ModelArguments, kind
     ):
         if limit is not None and split in raw:
             raw[split] = raw[split].select(range(min(limit, len(raw[split]))))
+    if data_args.label_noise and "train" in raw:  # after the split: validation and test stay clean
+        raw["train"] = with_label_noise(raw["train"], data_args.label_noise, data_args.label_noise_seed)
     return raw
 
 

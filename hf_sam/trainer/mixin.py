@@ -161,7 +161,6 @@ class SAMMixin:
             self._sam_load_pending_state(self._sam_engine)
             self._sam_bound_to = model
             self._sam_batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-            self._sam_metrics.last_logged_step = self.state.global_step
         return self._sam_engine
 
     # --------------------------------------------------------------------- the step

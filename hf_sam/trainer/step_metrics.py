@@ -29,7 +29,6 @@ class SAMStepMetrics:
         self._zero_gradient: torch.Tensor | int = 0
         self._pending: list[AscentRecord] = []  # records not yet added to the totals
         self._skipped_warned = 0
-        self.last_logged_step = 0
         self._passes = 0  # forward+backward passes since the last log
         self._passes_since: int | None = None  # the optimizer step they were counted from
         self._reset()
@@ -73,6 +72,7 @@ class SAMStepMetrics:
         self._values: dict[str, list[torch.Tensor | float]] = {}  # per micro-batch, not yet in the sums
         self._counts: dict[str, int] = {}
         self._micro_batches = 0
+        self._sam_steps: set[int] = set()  # the optimizer steps whose micro-batches SAM recorded
 
     def record(
         self,
@@ -99,6 +99,7 @@ class SAMStepMetrics:
             self._values.setdefault(key, []).append(value)
             self._counts[key] = self._counts.get(key, 0) + 1
         self._micro_batches += 1
+        self._sam_steps.add(global_step)
         self._pending.append(ascent)
         if len(self._pending) >= 1024:  # logging steps far apart: keep the memory bounded
             self._fold()
@@ -131,8 +132,11 @@ class SAMStepMetrics:
         return values
 
     def read(self, global_step: int, accelerator) -> dict[str, float]:
-        """The metrics averaged since the last call (and reset); losses as the Trainer reports "loss"."""
-        steps = max(global_step - self.last_logged_step, 1)
+        """The metrics averaged since the last call (and reset); losses as the Trainer reports "loss".
+
+        Losses are averaged over the optimizer steps SAM ran in (with ``sam_every_n_steps`` > 1, not every
+        step of the logging window has them)."""
+        steps = max(len(self._sam_steps), 1)
         n = self._micro_batches
         out: dict[str, float] = {}
         self._sum_values()
@@ -146,7 +150,7 @@ class SAMStepMetrics:
                 vec = torch.cat([reduced, vec[core:]])
             for key, total in zip(keys, vec.tolist(), strict=True):
                 if key.startswith(("sam/loss_", "sam/ascent_loss_")):
-                    # summed over micro-batches, averaged over optimizer steps
+                    # summed over a step's micro-batches, averaged over the SAM steps
                     out[key] = total / steps * n / self._counts[key]
                 else:
                     out[key] = total / self._counts[key]
@@ -164,5 +168,4 @@ class SAMStepMetrics:
         out["sam/skipped_ascents"] = float(skipped)
         out["sam/zero_gradient_ascents"] = float(self.zero_gradient_ascents)
         self._reset()
-        self.last_logged_step = global_step
         return out

@@ -28,6 +28,7 @@ CONFLICTS = [
     ({"sam_step_mult": 2.0}, "sam_step_mult", "projected"),
     ({"sam_ascent_steps": 0, "sam_descent": "mean"}, "sam_descent", "sam_ascent_steps >= 1"),
     ({"sam_ascent_steps": 0, "sam_adaptive": True}, "sam_adaptive", "sam_ascent_steps >= 1"),
+    ({"sam_adaptive_eta": 0.1}, "sam_adaptive_eta", "sam_adaptive=True"),
 ]
 
 

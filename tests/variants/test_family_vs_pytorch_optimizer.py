@@ -82,6 +82,11 @@ def snapshot(model: torch.nn.Module) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def _eta(adaptive: bool) -> dict:
+    """Its ASAM's eta (0); without ASAM the knob is refused."""
+    return {"sam_adaptive_eta": 0.0} if adaptive else {}
+
+
 def setup():
     set_seed(0)
     model = TinyNet()
@@ -93,7 +98,7 @@ def test_gsam_matches(tmp_path, adaptive):
     ours, theirs, data = setup()
     start = snapshot(theirs)
     got = trainer_weights(tmp_path, ours, data, sam_descent="gsam", sam_gsam_alpha=0.3, sam_adaptive=adaptive,
-                          sam_adaptive_eta=0.0)  # fmt: skip
+                          **_eta(adaptive))  # fmt: skip
     base = torch.optim.SGD(theirs.parameters(), lr=LR, momentum=MOMENTUM)
     constant = torch.optim.lr_scheduler.LambdaLR(base, lambda t: 1.0)
     rho = ProportionScheduler(constant, max_lr=LR, min_lr=0.0, max_value=RHO, min_value=RHO)
@@ -165,7 +170,7 @@ def test_looksam_matches(tmp_path, adaptive):
     ours, theirs, data = setup()
     start = snapshot(theirs)
     got = trainer_weights(tmp_path, ours, data, sam_every_n_steps=2, sam_reuse_alpha=0.6,
-                          sam_reuse_granularity="tensor", sam_adaptive=adaptive, sam_adaptive_eta=0.0)  # fmt: skip
+                          sam_reuse_granularity="tensor", sam_adaptive=adaptive, **_eta(adaptive))  # fmt: skip
     opt = LookSAM(theirs.parameters(), torch.optim.SGD, rho=RHO, k=2, alpha=0.6, adaptive=adaptive, lr=LR,
                   momentum=MOMENTUM)  # fmt: skip
     want = []
