@@ -33,9 +33,12 @@ def test_bench_step_rows_and_ratios(tmp_path):
         assert low <= sam[name] <= high
     assert by["floor", 1]["ratio_to_floor"] == 1.0 and by["floor", 1]["ratio_to_floor_ci95"] == [1.0, 1.0]
     # resnet-small is judged by its own time against its traffic floor, not by 1.03 x trainer
-    assert set(sam["verdicts"]) == {"own <= 1.5 x traffic", *(["x peer <= 1.0"] if peer else [])}
+    own_keys = {"own <= 1.5 x traffic", "phases <= 1.5 x traffic"}
+    assert set(sam["verdicts"]) == {*own_keys, *(["x peer <= 1.0"] if peer else [])}
     low, high = sam["own_ms_ci95"]
     assert low <= sam["own_ms"] <= high and sam["own_passes"] > 0 and sam["traffic_floor_ms"] > 0
+    low, high = sam["phases_ms_ci95"]
+    assert 0 < low <= sam["phases_ms"] <= high < sam["ms_median"]  # the engine's phases: part of the step
     assert peer or sam["ratio_to_peer"] is None
     assert set(sam["verdicts"].values()) <= {"met", "missed", "not resolved"}
     # the model alone is 1.2M fp32 weights (4.8 MiB): every variant's peak holds at least that
