@@ -11,7 +11,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cache=${HF_SAM_CI_CACHE:-$HOME/.cache/hf-sam-ci}
 key=$(cat "$root/.ci/$end.txt" "$root/pyproject.toml" | sha256sum | cut -c1-12)
 venv=$cache/$end-$key
-pip_in() { PIP_CONSTRAINT=/dev/null DS_BUILD_OPS=0 "$venv/bin/pip" install -q "$@"; }
+# no pip cache: the venvs build beside the pinned install, and each is cached whole
+pip_in() { PIP_CONSTRAINT=/dev/null PIP_NO_CACHE_DIR=1 DS_BUILD_OPS=0 "$venv/bin/pip" install -q "$@"; }
 
 if [ "$action" = install ]; then
     if [ -f "$venv/.complete" ]; then

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_env import DRY_RUN, device_ready, verdict  # noqa: E402
+from gpu_env import DRY_RUN, comparison_verdict, device_ready, launch_workers, verdict  # noqa: E402
 from gpu_fsdp_check import sam_trainer  # noqa: E402 - the same small classifier and rows as the FSDP2 check
 
 PART = "deepspeed"
@@ -95,13 +94,7 @@ def main() -> int:
     except ImportError as error:
         return verdict(PART, False, f"deepspeed does not import: {error}")
     out = tempfile.mkdtemp(prefix="ds_check_")
-    errors = []
-    for mode in ("none", "deepspeed"):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", __file__, "--worker", mode]
-        proc = subprocess.run(cmd, env={**os.environ, "DS_CHECK_OUT": out}, capture_output=True, text=True)
-        if proc.returncode:
-            print(proc.stderr[-3000:])
-            errors.append(f"{mode} run: " + " ".join(proc.stderr.strip().splitlines()[-1:]))
+    errors = launch_workers(__file__, ["none", "deepspeed"], {"DS_CHECK_OUT": out})
     rows = []
     for case in CASES:
         try:
@@ -116,13 +109,13 @@ def main() -> int:
             }
         )  # fmt: skip
     print(json.dumps(rows, indent=1))
-    ok = not errors and len(rows) == len(CASES) and all(r["bf16_refused"] and r["max_abs_diff"] <= 1e-5 for r in rows)
+    ok = len(rows) == len(CASES) and all(r["bf16_refused"] and r["max_abs_diff"] <= 1e-5 for r in rows)
     worst = max((r["max_abs_diff"] for r in rows), default=float("nan"))
-    what = "; ".join(errors) if errors else (
+    what = (
         f"{len(rows)} cases under ZeRO-2, largest weight difference to the run without DeepSpeed {worst:.2e}, "
         f"bf16 parameters {'refused' if all(r['bf16_refused'] for r in rows) else 'NOT refused'} before training"
-    )  # fmt: skip
-    return verdict(PART, ok, what)
+    )
+    return comparison_verdict(PART, errors, ok, what)
 
 
 if __name__ == "__main__":

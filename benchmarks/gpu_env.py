@@ -99,3 +99,23 @@ def counting_syncs():
         finally:
             torch.cuda.set_sync_debug_mode(previous)
     found.count = sum("synchroniz" in str(w.message) for w in caught)
+
+
+def launch_workers(script: str, modes: list[str], env: dict[str, str]) -> list[str]:
+    """Run ``script --worker MODE`` once per mode under torchrun with one process (the launch a GPU run
+    uses); returns one line per launch that failed, its last line of stderr (printed in full above)."""
+    import subprocess
+
+    errors = []
+    for mode in modes:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", script, "--worker", mode]
+        proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
+        if proc.returncode:
+            print(proc.stderr[-3000:])
+            errors.append(f"{mode} run: " + " ".join(proc.stderr.strip().splitlines()[-1:]))
+    return errors
+
+
+def comparison_verdict(part: str, errors: list[str], ok: bool, what: str) -> int:
+    """The verdict of a check that compares launches: their errors if any failed, else ``what``."""
+    return verdict(part, ok and not errors, "; ".join(errors) if errors else what)

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_env import DRY_RUN, device_ready, verdict  # noqa: E402
+from gpu_env import DRY_RUN, comparison_verdict, device_ready, launch_workers  # noqa: E402
 
 PART = "fsdp2"
 CASES = {
@@ -98,14 +97,7 @@ def main() -> int:
     if not device_ready(PART):
         return 1
     out = tempfile.mkdtemp(prefix="fsdp_check_")
-    errors = []
-    for fsdp in (False, True):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", __file__, "--worker",
-               str(int(fsdp))]  # fmt: skip
-        proc = subprocess.run(cmd, env={**os.environ, "FSDP_CHECK_OUT": out}, capture_output=True, text=True)
-        if proc.returncode:
-            print(proc.stderr[-3000:])
-            errors.append(f"{'FSDP' if fsdp else 'plain'} run: " + " ".join(proc.stderr.strip().splitlines()[-1:]))
+    errors = launch_workers(__file__, ["0", "1"], {"FSDP_CHECK_OUT": out})  # without, then with FSDP2
     rows = []
     for case in CASES:
         try:
@@ -124,13 +116,12 @@ def main() -> int:
         r["max_abs_diff"] <= (1e-2 if "bf16" in r["case"] else 1e-5) * max(1.0, r["max_abs_weight"]) for r in rows
     )
     active = all(r["fsdp_active"] for r in rows) or DRY_RUN  # accelerate leaves FSDP off on a CPU
-    ok = not errors and len(rows) == len(CASES) and close and active
     worst = max((r["max_abs_diff"] for r in rows), default=float("nan"))
-    what = "; ".join(errors) if errors else (
+    what = (
         f"{len(rows)} cases, FSDP2 {'active' if all(r['fsdp_active'] for r in rows) else 'NOT active'}, "
         f"largest weight difference to the unsharded run {worst:.2e}"
-    )  # fmt: skip
-    return verdict(PART, ok, what)
+    )
+    return comparison_verdict(PART, errors, len(rows) == len(CASES) and close and active, what)
 
 
 if __name__ == "__main__":
