@@ -49,8 +49,10 @@ def forest_plot(verdicts: pd.DataFrame, path: Path) -> None:
         ax.set_xlabel("validation accuracy − SAM k=1 (points), 95% interval over seeds")
         ax.set_title(f"{task}: against SAM k=1", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1))  # room for the legend under the panels
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
