@@ -402,9 +402,10 @@ def _own_rows(args, runners: dict, rounds: Rounds, model) -> dict:
     weights = weight_bytes(model)
     out = {}
     copy = statistics.median(rounds.times[COPY])
+    counted: dict = {}  # bytes per variant, counted once for all rows
     for v in rounds.variants:
         if v[0] in ("sam", "looksam", "msam"):
-            passes = own_passes(runners, v, weights)
+            passes = own_passes(runners, v, weights, counted)
             if passes > 0:
                 out[v] = {"passes": passes, **own_time_row(rounds.times, v, passes, resamples=4000)}
                 if v[0] == "sam":  # the engine's phases timed directly: resolvable where the difference is not

@@ -58,11 +58,19 @@ def counted_bytes(run) -> int:
     return counter.read + counter.written
 
 
-def own_passes(runners: dict, variant, weights: int) -> float:
-    """SAM's own traffic in passes over the weights: the variant's counted bytes beyond its trainer floor's."""
-    total = counted_bytes(runners[variant])
+def own_passes(runners: dict, variant, weights: int, counted: dict | None = None) -> float:
+    """SAM's own traffic in passes over the weights: the variant's counted bytes beyond its trainer floor's.
+    ``counted`` keeps each variant's count across calls, so the floors shared by the rows are counted once."""
+    counted = {} if counted is None else counted
+
+    def count(v) -> int:
+        if v not in counted:
+            counted[v] = counted_bytes(runners[v])
+        return counted[v]
+
+    total = count(variant)
     for part, weight in trainer_floor_parts(variant):
-        total -= weight * counted_bytes(runners[part])
+        total -= weight * count(part)
     return total / weights
 
 
