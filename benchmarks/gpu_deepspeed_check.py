@@ -6,7 +6,7 @@
 Each run trains a small MLP classifier for 4 steps (SAM k=2, synchronized ascent; normalized, and
 projected+ASAM+mean) in its own process under torchrun, once with ``--deepspeed`` (ZeRO-2) and once
 without, then the final weights and the wall time of the steps are compared. fp32 under DeepSpeed:
-SAMTrainer refuses DeepSpeed's bf16 and fp16 (README, "Several GPUs"); the bf16 case checks that the
+SAMTrainer refuses DeepSpeed's bf16 and fp16 (docs/distributed.md); the bf16 case checks that the
 refusal comes before training. Needs deepspeed on the device (carry a wheel, as for the peer). Each mode
 is one torchrun launch running every case. HF_SAM_GPU_DRY_RUN=1 runs the same on the CPU, with the gloo
 recipe of ../shared/TRAINER_NOTES.md ("DeepSpeed on a CPU").

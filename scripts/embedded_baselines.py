@@ -3,7 +3,7 @@
 
     OMP_NUM_THREADS=1 python scripts/embedded_baselines.py [--output_dir outputs/baselines]
 
-Prints a Markdown table (the one in the README) with chance level, untrained and trained accuracy.
+Prints a Markdown table (the one in docs/study.md) with chance level, untrained and trained accuracy.
 """
 
 from __future__ import annotations

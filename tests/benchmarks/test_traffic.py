@@ -1,5 +1,5 @@
 """benchmarks/traffic.py counts bytes from the dispatched operators: checked on operators whose traffic is
-known by hand, then on the engine's k = 1 step, whose traffic the README states. The copy way: snapshot
+known by hand, then on the engine's k = 1 step, whose traffic docs/performance.md states. The copy way: snapshot
 (read w, write the copy), norm (read g), move (read w and g, write w), restore (read the copy, write w) =
 8 passes. The swap way: norm (read g), move out of place (read w and g, write the spare buffer), and no
 snapshot or restore copy = 4 passes."""
