@@ -19,6 +19,9 @@ partitions, so each SAM pass is driven here instead (checked on DeepSpeed 0.19.8
 What this gathers, per rank and per pass: the full gradient (``safe_get_full_grad``; under ZeRO-1/2
 one all-reduce of each parameter's size), and under ZeRO-3 the full parameters for the SAM update;
 SAM's snapshot is one full fp32 copy of the trainable weights on every rank.
+
+Mixed precision is DeepSpeed's ``torch_autocast`` (``deepspeed_precision.py``); 16-bit parameter storage is
+refused.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 import torch
 
 from ..engine.ascent import MultiStepAscent
+from .deepspeed_precision import check_precision, map_bf16_onto_autocast
 from .passes import Backward
 
 
@@ -53,16 +57,8 @@ def check_deepspeed(trainer: Any) -> None:
             "gradient at an accumulation boundary, which would also reduce the earlier micro-batches'. Use "
             "gradient_accumulation_steps=1 with a larger per-device batch."
         )
-    for key, reason in (
-        ("fp16", "its loss scale would enter the ascent through DeepSpeed's unscaled gradient reads"),
-        ("bf16", "the parameters the forward uses are bf16, so most of a perturbation of rho/sqrt(n) rounds away"),
-    ):
-        enabled = ds_config.get(key, {}).get("enabled", False)
-        if enabled is True or (enabled == "auto" and getattr(args, key, False)):
-            raise ValueError(
-                f"SAMTrainer under DeepSpeed does not support {key} yet: {reason}. Train in fp32 under DeepSpeed, "
-                "or use DDP/FSDP2 with --bf16."
-            )
+    map_bf16_onto_autocast(trainer)
+    check_precision(trainer)
     zero = ds_config.get("zero_optimization", {})
     for key in ("offload_optimizer", "offload_param"):
         if zero.get(key, {}).get("device", "none") not in ("none", None):

@@ -49,6 +49,15 @@ class Recorder(TrainerCallback):
             self.norms.append((logs["sam/grad_norm"], logs["sam/perturbation_norm"]))
 
 
+def record_compute_dtypes(model):
+    """The dtype each Linear computes in, per forward call (torch_autocast: bfloat16)."""
+    dtypes = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda m, i, out: dtypes.append(str(out.dtype)))
+    return dtypes
+
+
 class SeeingTrainer(SAMTrainer):
     """Records the micro-batches this rank trains on (the data, not the math)."""
 
@@ -57,8 +66,15 @@ class SeeingTrainer(SAMTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
+def precision_options():
+    """This launch's precision sections (JSON in HF_SAM_TEST_DS_PRECISION); keys with "_" are switches."""
+    options = json.loads(os.environ.get("HF_SAM_TEST_DS_PRECISION", "{}"))
+    return {k: v for k, v in options.items() if not k.startswith("_")}, options
+
+
 def ds_config(stage):
     return {
+        **precision_options()[0],
         "train_micro_batch_size_per_gpu": "auto",
         "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto",
@@ -71,11 +87,13 @@ def ds_config(stage):
 def train(out_dir, stage, sam, steps=STEPS, resume=None, **extra):
     set_seed(0)
     model = TinyNet(dtype=torch.float32)
+    dtypes = record_compute_dtypes(model)
     recorder = Recorder(stage)
     args = SAMTrainingArguments(
         output_dir=out_dir,
         **{**BASE_ARGS, "per_device_train_batch_size": 3, "max_steps": steps, **extra},
         deepspeed=ds_config(stage),
+        bf16=precision_options()[1].get("_bf16_flag", False),
         accelerator_config={"use_configured_state": True},
         sam_rho=0.3,
         sam_sync_ascent=True,
@@ -85,6 +103,12 @@ def train(out_dir, stage, sam, steps=STEPS, resume=None, **extra):
         model=model, args=args, train_dataset=make_data(6 * steps, seed=4, dtype=torch.float32), callbacks=[recorder]
     )
     trainer.seen = []
+    # the precision sections DeepSpeed gets, after SAMTrainer's checks (and its --bf16 mapping)
+    ds_precision = {
+        k: v
+        for k, v in trainer.accelerator.state.deepspeed_plugin.deepspeed_config.items()
+        if k in ("bf16", "fp16", "torch_autocast")
+    }
     trainer.train(resume_from_checkpoint=resume)
     engine = trainer.accelerator.deepspeed_engine_wrapped.engine
     result = {
@@ -94,6 +118,8 @@ def train(out_dir, stage, sam, steps=STEPS, resume=None, **extra):
         "norms": recorder.norms,
         "engine_steps": int(engine.global_steps),
         "trainer_steps": int(trainer.state.global_step),
+        "compute_dtypes": sorted(set(dtypes)),
+        "ds_precision": ds_precision,
     }
     # accelerate takes a DeepSpeed plugin only in the first Accelerator of a process: forget it (the gloo
     # process group of the PartialState stays) so that the next configuration builds its own
@@ -112,6 +138,15 @@ def main():
     PartialState(backend="gloo")
     del os.environ["ACCELERATE_USE_DEEPSPEED"]
     rank = dist.get_rank()
+    if precision_options()[1].get("_refusal"):  # only the refusal: SAMTrainer must raise before training
+        try:
+            train(os.path.join(out_dir, "refused"), stage, {"sam_ascent_steps": 1})
+            refusal = ""
+        except ValueError as error:
+            refusal = str(error)
+        torch.save({"refusal": refusal}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+        os._exit(0)
     results = [train(os.path.join(out_dir, f"run{i}"), stage, sam) for i, sam in enumerate(configs)]
     resume = {}
     if len(sys.argv) > 4 and sys.argv[4] == "resume":

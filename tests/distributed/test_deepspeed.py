@@ -35,11 +35,15 @@ CONFIGS = [
 ]
 
 
-def _launch(out: Path, stage: int, resume: bool = False) -> list[dict]:
+def _launch(
+    out: Path, stage: int, resume: bool = False, configs: list[dict] = CONFIGS, precision: dict | None = None
+) -> list[dict]:
+    """``precision``: DeepSpeed config sections for every run (keys with "_" are the worker's switches)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env["HF_SAM_TEST_DS_PRECISION"] = json.dumps(precision or {})
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-        str(ROOT / "tests" / "distributed" / "deepspeed_worker.py"), str(out), str(stage), json.dumps(CONFIGS),
+        str(ROOT / "tests" / "distributed" / "deepspeed_worker.py"), str(out), str(stage), json.dumps(configs),
         *(["resume"] if resume else []),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=out)

@@ -1,0 +1,111 @@
+"""SAM under DeepSpeed mixed precision, 2 gloo processes on the CPU: DeepSpeed's ``torch_autocast`` (bf16
+compute over fp32 parameters) under ZeRO-2 and ZeRO-3 equals SAMTrainer with ``--bf16`` in one process on
+the joint batches, within bf16 tolerance, for k in {1, 2}; ``--bf16`` with ``bf16: auto`` is mapped onto it;
+bf16 parameter storage is refused with a message naming ``torch_autocast``.
+
+Why a tolerance and not bit equality: under autocast each rank's Linear weight gradient leaves a bf16 matmul
+(fp32 accumulation, bf16 output), so two half-batch gradients averaged are not the joint batch's gradient
+rounded once. The tolerance is checked to be far below what a wrong driver gives (no SAM, or the ascent
+gradient leaking into the update).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import set_seed
+
+from ..helpers import WeightRecorder, sam_trainer
+from ..reference_sam import NAMES, flatten
+from ..tiny import TinyNet
+from .test_deepspeed import LR, RHO, _launch
+
+pytest.importorskip("deepspeed")
+
+AUTOCAST_CONFIGS = [{"sam_ascent_steps": 1}, {"sam_ascent_steps": 2, "sam_adaptive": True}]
+# relative L2 distance of the weights after 3 steps. Measured (torch 2.13, CPU): 1.6e-4 to 2.5e-4 from one-process
+# --bf16, 2.1e-4 to 2.8e-4 from fp32 (one-process bf16 is 2.2e-4 to 2.8e-4 from fp32); no SAM: 6e-3 to 3e-2
+BF16_TOLERANCE = 1e-3
+CASES = {
+    # DeepSpeed's default: Linear/Conv gradients reduced in bf16
+    "zero2-bf16-comm": (2, {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}),
+    "zero3-bf16-comm": (3, {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}),
+    # --bf16 with bf16 "auto": SAMTrainer maps it onto torch_autocast with fp32 reduction
+    "zero2-mapped-bf16": (2, {"bf16": {"enabled": "auto"}, "_bf16_flag": True}),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES), ids=str)
+def autocast_ranks(request, tmp_path_factory):
+    stage, precision = CASES[request.param]
+    ranks = _launch(tmp_path_factory.mktemp(request.param), stage, configs=AUTOCAST_CONFIGS, precision=precision)
+    return request.param, ranks
+
+
+def _one_process(tmp_path, runs: list[dict], config: dict, bf16: bool) -> torch.Tensor:
+    """SAMTrainer in one process on the two ranks' joint batches, step by step."""
+    rows = []
+    for step in range(len(runs[0]["batches"])):
+        for run in runs:
+            batch = run["batches"][step]
+            rows += [{"x": x, "labels": y} for x, y in zip(batch["x"], batch["labels"], strict=True)]
+    set_seed(0)
+    model = TinyNet(dtype=torch.float32)
+    recorder = WeightRecorder()
+    trainer = sam_trainer(
+        tmp_path, model, rows, callbacks=[recorder], per_device_train_batch_size=6, max_steps=len(rows) // 6,
+        learning_rate=LR, sam_rho=RHO, bf16=bf16, **config,
+    )  # fmt: skip
+    start = flatten({n: w.double() for n, w in model.state_dict().items()})
+    assert torch.equal(start, flatten(runs[0]["before"][0])), "the same initial weights as the ranks"
+    trainer.train()
+    return flatten({n: w.double() for n, w in recorder.final.items()})
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_autocast_sam_equals_one_process_bf16(autocast_ranks, tmp_path):
+    case, ranks = autocast_ranks
+    for index, config in enumerate(AUTOCAST_CONFIGS):
+        runs = [rank["results"][index] for rank in ranks]
+        # the forward really ran under bf16 autocast, on both ranks
+        assert all(run["compute_dtypes"] == ["torch.bfloat16"] for run in runs), (case, runs[0]["compute_dtypes"])
+        for name in NAMES:  # one perturbation from the all-ranks gradient: the ranks agree bit for bit
+            assert torch.equal(runs[0]["after"][name], runs[1]["after"][name]), (case, config)
+        got = flatten(runs[0]["after"])
+        bf16 = _one_process(tmp_path / f"bf16-{index}", runs, config, bf16=True)
+        fp32 = _one_process(tmp_path / f"fp32-{index}", runs, config, bf16=False)
+        no_sam = _one_process(tmp_path / f"plain-{index}", runs, {"sam_ascent_steps": 0}, bf16=True)
+        assert _distance(got, bf16) < BF16_TOLERANCE, (case, config, _distance(got, bf16))
+        # from fp32 it differs by bf16 rounding only, as one-process --bf16 does
+        assert _distance(got, fp32) < BF16_TOLERANCE, (case, config, _distance(got, fp32))
+        # what a driver without SAM would give lies far outside the tolerance
+        assert _distance(no_sam, bf16) > 4 * BF16_TOLERANCE, _distance(no_sam, bf16)
+
+
+def test_ascent_passes_are_not_optimizer_steps_under_autocast(autocast_ranks):
+    case, ranks = autocast_ranks
+    for rank in ranks:
+        for run in rank["results"]:
+            assert run["engine_steps"] == run["trainer_steps"] == len(run["before"]), case
+
+
+def test_bf16_flag_is_mapped_onto_torch_autocast(autocast_ranks):
+    case, ranks = autocast_ranks
+    if case != "zero2-mapped-bf16":
+        pytest.skip("the mapping case")
+    for rank in ranks:
+        for run in rank["results"]:
+            assert run["ds_precision"]["bf16"] == {"enabled": False}
+            assert run["ds_precision"]["torch_autocast"]["enabled"] is True
+            assert run["ds_precision"]["torch_autocast"]["lower_precision_safe_modules"] == []
+
+
+def test_bf16_parameter_storage_is_refused_naming_torch_autocast(tmp_path):
+    ranks = _launch(
+        tmp_path, 2, configs=[], precision={"bf16": {"enabled": True}, "_bf16_flag": True, "_refusal": True}
+    )
+    message = ranks[0]["refusal"]
+    assert "bf16 parameter storage" in message and '"torch_autocast": {"enabled": true' in message, message
