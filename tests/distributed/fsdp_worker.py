@@ -78,6 +78,45 @@ def run_family(name, mesh, rank):
     return {"start": start, "end": {n: p.full_tensor().clone() for n, p in model.named_parameters()}}
 
 
+MIXED_STEPS = 3
+MIXED = {"k1": dict(ascent_steps=1), "k2-asam": dict(ascent_steps=2, adaptive=True)}
+
+
+def run_mixed(name, mesh, rank):
+    """FSDP2 mixed precision as accelerate sets it up for --bf16: fp32 shards, parameters all-gathered in
+    bf16 for compute (MixedPrecisionPolicy), gradients reduced in fp32, the forward under bf16 autocast;
+    three SAM steps with SGD."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    torch.manual_seed(0)
+    model = TinyNet(dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    compute_dtypes = set()
+    model.fc1.register_forward_hook(lambda m, i, out: compute_dtypes.add(str(out.dtype)))
+    for layer in (model.fc1, model.fc2, model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    start = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = MultiStepAscent(model.parameters(), **SAMConfig(rho=0.3, **MIXED[name]).engine_kwargs())
+    rows = make_data(12 * MIXED_STEPS, seed=13, dtype=torch.float32)
+    for t in range(MIXED_STEPS):
+        x, y = batch_of(rows[t * 12 + rank * 6 : t * 12 + rank * 6 + 6])
+
+        def loss(x=x, y=y):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return F.cross_entropy(model(x)["logits"], y)
+
+        engine.step(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    return {
+        "start": start,
+        "end": {n: p.full_tensor().clone() for n, p in model.named_parameters()},
+        "shard_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+        "compute_dtypes": sorted(compute_dtypes),
+    }
+
+
 def main():
     out_dir = sys.argv[1]
     torch.set_num_threads(1)
@@ -129,9 +168,11 @@ def main():
     for p in model.parameters():
         p.grad = None
     family = {name: run_family(name, mesh, rank) for name in FAMILY}
+    mixed = {name: run_mixed(name, mesh, rank) for name in MIXED}
     torch.save(
         {
             "family": family,
+            "mixed": mixed,
             "skipped": skipped,
             "results": results,
             "x": x,
