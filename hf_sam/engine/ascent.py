@@ -143,6 +143,9 @@ class MultiStepAscent:
         self.perturbed_weights = choose_mode(perturbed_weights, given, self._layout)
         self._moved = MovedWeights(self.params, self._weights, self.perturbed_weights)  # the one extra copy
         self.held_grads: list[Tensor | None] | None = None  # accumulated grads set aside during the ascent
+        # the factor the gradients in p.grad carry (fp16 loss scaling, set by the loop before each step; None
+        # for 1): state kept across steps (F-SAM's momentum, WSAM's decoupled term) is held unscaled
+        self.grad_scale: Tensor | None = None
         self._scale: list[Tensor] | None = None  # ASAM's T, for this step only
         self._directions: DirectionTracker | None = None  # with track_directions only
         self._in_step = False
@@ -238,7 +241,7 @@ class MultiStepAscent:
         if self._directions is not None:
             self._directions.ascent_gradient(idx, grads, i)
             self.successive_cosines = self._directions.successive
-        self.direction.adjust(i, idx, grads)  # F-SAM: g - sigma m
+        self.direction.adjust(i, idx, grads, self.grad_scale)  # F-SAM: g - sigma m
         if self.adaptive:
             scale = [self._scale[j] for j in idx]
             torch._foreach_mul_(grads, scale)  # u = T g
@@ -353,12 +356,13 @@ class MultiStepAscent:
         """
         return run_step(self, compute_loss, backward)
 
-    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer, skipped: bool = False) -> None:
         """Call right after ``optimizer.step()``: a descent that updates the weights itself after the
-        optimizer (WSAM's decoupled sharpness term) does it here; the others do nothing."""
+        optimizer (WSAM's decoupled sharpness term) does it here; the others do nothing. ``skipped``: the
+        step was skipped (a GradScaler found inf/NaN), so the descent's own update is dropped too."""
         hook = getattr(self.descent_rule, "after_optimizer_step", None)
         if hook is not None:
-            hook(optimizer, self._layout.locals(self.params))
+            hook(optimizer, self._layout.locals(self.params), skipped)
 
     def state_dict(self) -> dict:
         """What the engine carries from one step to the next (F-SAM's momentum), for checkpoints."""

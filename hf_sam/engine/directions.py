@@ -27,8 +27,9 @@ class GradientDirection:
     def begin(self, weights: list[Tensor]) -> None:
         """A new training step over ``weights`` (the trainable tensors, local shards under FSDP2)."""
 
-    def adjust(self, step: int, idx: list[int], grads: list[Tensor]) -> None:
-        """Turn the gradients of ascent step ``step`` (tensors ``idx``) into the direction, in place."""
+    def adjust(self, step: int, idx: list[int], grads: list[Tensor], scale: Tensor | None = None) -> None:
+        """Turn the gradients of ascent step ``step`` (tensors ``idx``) into the direction, in place; ``scale``:
+        the factor the gradients carry (fp16 loss scaling), None for 1."""
 
     def end(self, dropped: Tensor) -> None:
         """After the last ascent step; ``dropped``: the 0-d bool set when the ascent was dropped."""
@@ -59,11 +60,15 @@ class FriendlyDirection(GradientDirection):
             self.momentum = [s.to(device=w.device, dtype=w.dtype) for s, w in zip(self._saved, weights, strict=True)]
             self._saved = None
 
-    def adjust(self, step: int, idx: list[int], grads: list[Tensor]) -> None:
+    def adjust(self, step: int, idx: list[int], grads: list[Tensor], scale: Tensor | None = None) -> None:
+        if scale is not None:  # m is kept unscaled; a GradScaler's scale is a power of 2, so this is exact
+            torch._foreach_div_(grads, scale)
         if step == 1:
             self._form_next(idx, grads)
         if self.momentum is not None and self.sigma != 0.0:
             torch._foreach_add_(grads, [self.momentum[j] for j in idx], alpha=-self.sigma)
+        if scale is not None:
+            torch._foreach_mul_(grads, scale)
 
     def _form_next(self, idx: list[int], grads: list[Tensor]) -> None:
         """m_next = lambda m + (1 - lambda) g (g = 0 for a tensor without a gradient), or g at the first step."""

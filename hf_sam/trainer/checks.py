@@ -121,8 +121,8 @@ def _uses_clean_gradient(config) -> tuple[str, str] | None:
 
 def check_family(trainer) -> None:
     """GSAM, WSAM, F-SAM and LookSAM's reuse combine the clean gradient g with g_s (or keep it across
-    steps): under several processes both must be the all-ranks gradients, and fp16's changing loss scale
-    must not enter state kept across steps."""
+    steps): under several processes both must be the all-ranks gradients. (Under fp16 the state kept across
+    steps is held unscaled: the engine's ``grad_scale``.)"""
     config, args = trainer.sam_config, trainer.args
     flag = _uses_clean_gradient(config)
     if flag is not None and getattr(args, "world_size", 1) > 1:
@@ -137,17 +137,6 @@ def check_family(trainer) -> None:
                 f"{name}={value} with several processes does not support gradient accumulation: the gradients of "
                 "non-final micro-batches are not all-reduced, so ranks would combine different g and g_s."
             )
-    fp16 = getattr(args, "fp16", False)
-    if fp16 and config.direction == "friendly":
-        raise ValueError(
-            "sam_direction='friendly' does not support fp16 loss scaling: F-SAM's momentum would mix gradients "
-            "scaled by different loss scales. Use bf16 or fp32."
-        )
-    if fp16 and config.descent == "wsam" and config.wsam_decouple:
-        raise ValueError(
-            "sam_descent='wsam' with sam_wsam_decouple=true does not support fp16 loss scaling: its update after "
-            "the optimizer step would be loss-scaled. Use bf16, fp32 or --sam_wsam_decouple false."
-        )
 
 
 def check_fsdp(trainer) -> None:

@@ -60,7 +60,9 @@ class _AfterOptimizerStep(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         engine = self.trainer._sam_engine
         if engine is not None:
-            engine.after_optimizer_step(self.trainer.optimizer)
+            # accelerate's wrapper knows whether its GradScaler skipped the step (it has read the scale already)
+            skipped = bool(getattr(self.trainer.optimizer, "step_was_skipped", False))
+            engine.after_optimizer_step(self.trainer.optimizer, skipped)
 
 
 class SAMMixin:
@@ -219,6 +221,7 @@ class SAMMixin:
             self._msam.rho = rho
             return self._msam.run(model, stock)
         engine = self._sam_bind(model)
+        engine.grad_scale = self._loss_scale()
         if self._sam_rho_schedule is not None:
             engine.set_rho(rho)
         every_n = self._sam_every_n
@@ -335,7 +338,10 @@ class SAMMixin:
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is None or not scaler.is_enabled():
             return None
-        return getattr(scaler, "_scale", None)  # a device tensor: reading it does not sync
+        scale = getattr(scaler, "_scale", None)  # a device tensor: reading it does not sync
+        if scale is None:  # before the first backward the scaler has not made it yet: it will be the initial scale
+            scale = torch.tensor(scaler.get_scale(), dtype=torch.float32, device=self.args.device)
+        return scale
 
     def sam_log_metrics(self) -> dict[str, float]:
         """The sam/* metrics averaged since the last call (and reset)."""

@@ -11,6 +11,7 @@ import torch
 from transformers import set_seed
 
 from ..helpers import LogRecorder, WeightRecorder, sam_trainer
+from ..reference_family import simulate
 from ..reference_sam import flatten, grad_at, sam_gradient
 from ..tiny import TinyNet, batch_of, make_data
 
@@ -75,6 +76,54 @@ def test_fp16_overflow_in_the_descent_skips_the_optimizer_step(tmp_path):
     assert torch.equal(flatten(rec.final), flatten(rec.before[0])), "the scaler skips the step"
     assert trainer.accelerator.scaler.get_scale() == INIT_SCALE / 2
     assert trainer.sam_skipped_ascents == 0
+
+
+@pytest.mark.parametrize(
+    "sam,cfg",
+    [
+        (
+            {"sam_direction": "friendly", "sam_friendly_sigma": 0.8, "sam_friendly_lambda": 0.5, "sam_ascent_steps": 2},
+            {"direction": "friendly", "sigma": 0.8, "lam": 0.5, "k": 2},
+        ),
+        ({"sam_descent": "wsam", "sam_wsam_gamma": 0.6}, {"descent": "wsam", "wsam_gamma": 0.6}),
+    ],
+    ids=["friendly", "wsam-decoupled"],
+)
+def test_fp16_state_kept_across_steps_is_unscaled(tmp_path, sam, cfg):
+    """F-SAM's momentum and decoupled WSAM's term outlive the backward that made them, while the loss scale
+    doubles at every step here: kept in scaled units they would be off by 2x (the momentum) or by the whole
+    scale (WSAM's update after the optimizer step). Three AdamW steps equal the float64 reference."""
+    set_seed(0)
+    model = TinyNet()
+    data = make_data(12)
+    rec = WeightRecorder()
+    trainer = sam_trainer(
+        tmp_path, model, data, [rec], fp16=True, max_steps=3, optim="adamw_torch", learning_rate=0.01,
+        sam_rho=0.3, **sam,
+    )  # fmt: skip
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE, growth_interval=1)
+    trainer.accelerator.native_amp = True
+    trainer.train()
+    assert trainer.accelerator.scaler.get_scale() == INIT_SCALE * 8, "the scale changed at every step"
+    steps = [[batch_of(data[4 * t : 4 * t + 4])] for t in range(3)]
+    adamw = {"name": "adamw", "lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-8}
+    want = simulate(flatten(rec.before[0]), _shapes(model), steps, {"rho": 0.3, **cfg}, adamw)
+    got = [flatten(w) for w in rec.before[1:] + [rec.final]]
+    for t, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=f"step {t}")
+
+
+def test_fp16_skipped_step_drops_decoupled_wsam_update_too(tmp_path):
+    """The descent overflows: the scaler skips the optimizer step, and WSAM's own update after it must not
+    move the weights either."""
+    set_seed(0)
+    model = TinyNet()
+    model.poison = {2: float("inf")}  # k=1: the descent pass
+    rec = WeightRecorder()
+    trainer = _fp16_trainer(tmp_path, model, make_data(4), [rec], sam_descent="wsam", sam_rho=0.3)
+    trainer.train()
+    assert trainer.accelerator.scaler.get_scale() == INIT_SCALE / 2
+    assert torch.equal(flatten(rec.final), flatten(rec.before[0]))
 
 
 def test_bf16_autocast_trains_and_restores(tmp_path):

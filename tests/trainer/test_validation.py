@@ -119,20 +119,30 @@ def test_data_parallel_is_refused(tmp_path, monkeypatch):
         sam_trainer(tmp_path, TinyNet(), make_data(4))
 
 
-def _deepspeed_trainer(ds_config=None, accumulation=1, bf16=False, fp16=False, **config):
-    """The attributes the DeepSpeed checks read, as a trainer under accelerate's DeepSpeed would have them."""
+def _deepspeed_trainer(ds_config=None, accumulation=1, bf16=False, fp16=False, user_config=None, **config):
+    """The attributes the DeepSpeed checks read, as a trainer under accelerate's DeepSpeed would have them:
+    ``ds_config`` as filled by transformers and accelerate, ``user_config`` as the user wrote it."""
     from types import SimpleNamespace
 
     from hf_sam import SAMConfig
 
-    plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2}, **(ds_config or {})})
+    plugin = SimpleNamespace(
+        deepspeed_config={"zero_optimization": {"stage": 2}, **(ds_config or {})},
+        hf_ds_config=SimpleNamespace(_dtype=torch.bfloat16 if bf16 else torch.float32),
+    )
     return SimpleNamespace(
         is_deepspeed_enabled=True,
         is_fsdp_enabled=False,
         accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)),
         sam_config=SAMConfig(ascent_steps=2, **{"sync_ascent": True, **config}),
         args=SimpleNamespace(
-            gradient_accumulation_steps=accumulation, n_gpu=1, fsdp=False, world_size=2, bf16=bf16, fp16=fp16
+            gradient_accumulation_steps=accumulation,
+            n_gpu=1,
+            fsdp=False,
+            world_size=2,
+            bf16=bf16,
+            fp16=fp16,
+            deepspeed=user_config if user_config is not None else ds_config or {},
         ),
     )
 
@@ -142,9 +152,14 @@ def _deepspeed_trainer(ds_config=None, accumulation=1, bf16=False, fp16=False, *
     [
         ({"sync_ascent": False}, "needs --sam_sync_ascent true"),
         ({"accumulation": 2}, "gradient accumulation"),
-        ({"ds_config": {"bf16": {"enabled": True}}}, "does not support bf16"),
-        ({"ds_config": {"bf16": {"enabled": "auto"}}, "bf16": True}, "does not support bf16"),
-        ({"ds_config": {"fp16": {"enabled": "auto"}}, "fp16": True}, "does not support fp16"),
+        ({"ds_config": {"bf16": {"enabled": True}}}, "bf16 parameter storage"),
+        ({"ds_config": {"bf16": {"enabled": True}}, "bf16": True}, '"torch_autocast": {"enabled": true'),
+        # --fp16 with fp16 "auto", as accelerate fills it
+        (
+            {"ds_config": {"fp16": {"enabled": True}}, "fp16": True, "user_config": {"fp16": {"enabled": "auto"}}},
+            "fp16 parameter storage",
+        ),
+        ({"ds_config": {"torch_autocast": {"enabled": True, "dtype": "float16"}}}, "torch_autocast with float16"),
         ({"ds_config": {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}}, "offload_param"),
         ({"descent": "xsam"}, "sam_descent='xsam'"),
         ({"descent": "gsam"}, "sam_descent='gsam'"),
@@ -172,7 +187,24 @@ def test_deepspeed_set_ups_sam_makes_exact_are_accepted():
 
     for config in ({}, {"descent": "mean", "adaptive": True}, {"ascent_rule": "projected"}):
         check_launch(_deepspeed_trainer(**config))
-    check_launch(_deepspeed_trainer(ds_config={"bf16": {"enabled": "auto"}}))  # "auto" with --bf16 off: fp32
+    check_launch(_deepspeed_trainer(ds_config={"bf16": {"enabled": False}}))  # "auto" with --bf16 off: fp32
+    check_launch(_deepspeed_trainer(ds_config={"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}))
+
+
+@pytest.mark.parametrize("user", [{"bf16": {"enabled": "auto"}}, {}], ids=["auto", "absent"])
+def test_deepspeed_bf16_flag_is_mapped_onto_torch_autocast(user):
+    """--bf16 with bf16 "auto" (or no bf16 section, which accelerate adds as enabled) becomes torch_autocast
+    with fp32 reduction, and the Trainer stops casting float inputs to bf16."""
+    from hf_sam.trainer.checks import check_launch
+
+    trainer = _deepspeed_trainer(ds_config={"bf16": {"enabled": True}}, bf16=True, user_config=user)
+    check_launch(trainer)
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    assert plugin.deepspeed_config["bf16"] == {"enabled": False}
+    assert plugin.deepspeed_config["torch_autocast"] == {
+        "enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []
+    }  # fmt: skip
+    assert plugin.hf_ds_config._dtype == torch.float32
 
 
 class _FakeFSDPTrainer:

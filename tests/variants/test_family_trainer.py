@@ -165,16 +165,6 @@ def test_methods_without_g_run_per_device_under_ddp():
     check_launch(_launch(world_size=2, accumulation=2, method="msam"))
 
 
-@pytest.mark.parametrize(
-    "config,words",
-    [({"direction": "friendly"}, "F-SAM's momentum"), ({"descent": "wsam"}, "sam_wsam_decouple false")],
-)
-def test_fp16_refusals(config, words):
-    with pytest.raises(ValueError, match=re.escape(words)):
-        check_launch(_launch(fp16=True, **config))
-    check_launch(_launch(fp16=True, descent="wsam", wsam_decouple=False))  # coupled: scale-invariant
-
-
 def test_a_second_train_call_reads_its_own_learning_rate_bounds(tmp_path):
     """The rho schedule's bounds belong to one run: a second train() call with another learning rate (a
     hyperparameter-search trial) trains as a fresh trainer with that learning rate does."""

@@ -38,17 +38,26 @@ class WSAMDescent(CleanGradientDescent):
             torch._foreach_add_(grads, g, alpha=1.0 - self.weight)
             return
         torch._foreach_sub_(grads, g)  # g_s - g
+        scale = getattr(engine, "grad_scale", None)
+        if scale is not None:  # held unscaled: the loss scale may change before the optimizer step
+            torch._foreach_div_(grads, scale)
         if self._sharpness is None:
             self._sharpness = torch._foreach_mul(grads, 1.0)
         else:
             torch._foreach_add_(self._sharpness, grads)
-        torch._foreach_copy_(grads, g)
+        # p.grad <- g, but non-finite where g_s - g is: a GradScaler then skips the step (and this term with it)
+        torch._foreach_mul_(grads, 0.0)
+        torch._foreach_add_(grads, g)
         self._params = engine.params
 
     @torch.no_grad()
-    def after_optimizer_step(self, optimizer: torch.optim.Optimizer, weights: list[Tensor]) -> None:
-        """Decoupled: w -= lr a (g_s - g) for every parameter, with its group's learning rate."""
-        if self._sharpness is None:
+    def after_optimizer_step(
+        self, optimizer: torch.optim.Optimizer, weights: list[Tensor], skipped: bool = False
+    ) -> None:
+        """Decoupled: w -= lr a (g_s - g) for every parameter, with its group's learning rate; nothing when the
+        optimizer's step was ``skipped`` (a GradScaler found inf/NaN gradients)."""
+        if self._sharpness is None or skipped:
+            self._sharpness = None
             return
         where = {id(p): j for j, p in enumerate(self._params)}
         for group in optimizer.param_groups:
