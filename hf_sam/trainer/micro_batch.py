@@ -87,6 +87,7 @@ class SAMMicroBatch:
         probe: Callable[[], torch.Tensor] | None = None,
         alphas: list[float] | None = None,
         passes: PlainPasses | None = None,
+        at_perturbed: Callable[[MultiStepAscent], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.engine = engine
         self.sync = sync
@@ -98,6 +99,8 @@ class SAMMicroBatch:
         self.probe = probe  # XSAM's dynamic alpha: the loss of a forward pass at the current weights
         self.alphas = alphas
         self.passes = passes or PlainPasses()  # where the gradients are (DeepSpeed: its own backend)
+        self.at_perturbed = at_perturbed  # a measurement at w + d_k (sam/perturbation_fidelity)
+        self.measured: dict[str, torch.Tensor] = {}
         self.ran = False
         self.clean: torch.Tensor | None = None
         self.perturbed: torch.Tensor | None = None
@@ -144,6 +147,8 @@ class SAMMicroBatch:
                     self.pass_losses.append(self.run_pass(self.inputs, 1.0, ascent_backward))
                     passes.ascend(engine)
                 factor = passes.begin_descent(engine)
+                if self.at_perturbed is not None:
+                    self.measured = self.at_perturbed(engine)
                 self._replay()
                 with self.sync.descent():
                     self.perturbed = self.run_pass(

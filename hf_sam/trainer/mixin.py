@@ -28,6 +28,7 @@ from .lookbehind import LookbehindStep, check_lookbehind
 from .micro_batch import RandomState, SAMMicroBatch, frozen_batchnorm_stats, rolled_back
 from .msam import MomentumSAMStep, momentum_key
 from .passes import PlainPasses
+from .precision import FidelityLog
 from .rho_schedule import LearningRateRho
 from .sam_state import load_sam_state, save_sam_state
 from .step_metrics import SAMStepMetrics
@@ -112,6 +113,7 @@ class SAMMixin:
             LearningRateRho(sam_config.rho, sam_config.rho_min) if sam_config.rho_schedule == "lr" else None
         )
         self._sam_pending_tensors: dict[str, Any] | None = None  # state read from a checkpoint, not yet bound
+        self._sam_fidelity = FidelityLog()  # sam/perturbation_fidelity
         if sam_config.ascent_steps >= 1:
             self.add_callback(_EverySAMStepRan(self))
             self.add_callback(_AfterOptimizerStep(self))
@@ -245,6 +247,7 @@ class SAMMixin:
             probe=(lambda: self._sam_probe_loss(model, extra_inputs, num_items_in_batch)) if choose else None,
             alphas=alpha_grid(config.xsam_alpha_max) if choose else None,
             passes=self._sam_passes(engine),
+            at_perturbed=self._sam_fidelity.probe(self, model, engine),
         )
         try:
             with self.sam_step_context(), micro.driving(self.accelerator):
@@ -263,7 +266,13 @@ class SAMMixin:
             self.sam_xsam_alpha = engine.xsam_alpha
             self._sam_xsam_epoch = self._sam_epoch_index()
         self._sam_metrics.record(
-            engine, micro.clean, micro.perturbed, micro.pass_losses, self._loss_scale(), self.state.global_step
+            engine,
+            micro.clean,
+            micro.perturbed,
+            micro.pass_losses,
+            self._loss_scale(),
+            self.state.global_step,
+            micro.measured,
         )
         return loss
 

@@ -82,7 +82,9 @@ class SAMStepMetrics:
         pass_losses: list[torch.Tensor],
         loss_scale: torch.Tensor | None,
         global_step: int,
+        measured: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        """One micro-batch's values; ``measured``: what a probe measured at the perturbed point (diagnostics)."""
         ascent = engine.record
         values = {
             "sam/loss_clean": clean.detach(),
@@ -95,6 +97,7 @@ class SAMStepMetrics:
             values["sam/xsam_angle"] = engine.xsam_angle
         if self.diagnostics:
             values.update(self._diagnostic_values(engine, perturbed, pass_losses, loss_scale))
+            values.update(measured or {})
         for key, value in values.items():
             self._values.setdefault(key, []).append(value)
             self._counts[key] = self._counts.get(key, 0) + 1

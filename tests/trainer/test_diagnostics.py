@@ -48,3 +48,66 @@ def test_diagnostics_off_by_default(tmp_path):
     sam_trainer(tmp_path, TinyNet(), make_data(4), [logs], sam_ascent_steps=2).train()
     entry = [e for e in logs.logs if "loss" in e][-1]
     assert not any(key.startswith(("sam/ascent_", "sam/cos_")) for key in entry)
+
+
+def _bf16_clean_gradient(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """The clean pass's gradient as the trainer's bf16 autocast computes it (the same ops, by hand)."""
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model(x)["logits"].float(), y)
+    loss.backward()
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    model.zero_grad()
+    return grads
+
+
+@pytest.mark.parametrize("rho", [0.002, 0.3])
+def test_perturbation_fidelity_equals_a_hand_computation(tmp_path, rho):
+    """Under --bf16 the perturbed pass's Linear layers compute with bf16(w + e): the logged fidelity is the
+    cosine of bf16(w + e) - bf16(w) with e = rho g / ||g||, computed here from the weights and the gradient."""
+    set_seed(0)
+    model = TinyNet(dtype=torch.float32)
+    data = make_data(4, dtype=torch.float32)
+    rec, logs = WeightRecorder(), LogRecorder()
+    trainer = sam_trainer(tmp_path, model, data, [rec, logs], sam_rho=rho, sam_diagnostics=True, bf16=True)
+    x, y = batch_of(data)
+    grads = _bf16_clean_gradient(model, x, y)
+    trainer.train()
+    entry = [e for e in logs.logs if "loss" in e][-1]
+    w = [rec.before[0][n] for n, _ in model.named_parameters()]
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+    moved = [(wi.double() + rho * g.double() / norm).float() for wi, g in zip(w, grads, strict=True)]
+    intended = torch.cat([(m.double() - wi.double()).reshape(-1) for m, wi in zip(moved, w, strict=True)])
+    realized = torch.cat(
+        [(m.bfloat16().double() - wi.bfloat16().double()).reshape(-1) for m, wi in zip(moved, w, strict=True)]
+    )
+    want = _cos(realized, intended)
+    assert entry["sam/perturbation_fidelity"] == pytest.approx(want, abs=1e-6)
+    assert entry["sam/perturbation_fidelity_norm_ratio"] == pytest.approx(
+        float(realized.norm() / intended.norm()), rel=1e-6
+    )
+    if rho < 0.01:  # a perturbation at the bf16 rounding step of the weights is visibly mangled
+        assert want < 0.95
+
+
+def test_no_fidelity_in_fp32_or_between_logging_steps(tmp_path):
+    set_seed(0)
+    model = TinyNet(dtype=torch.float32)
+    logs = LogRecorder()
+    trainer = sam_trainer(
+        tmp_path, model, make_data(12, dtype=torch.float32), [logs], sam_diagnostics=True, max_steps=3
+    )
+    trainer.train()
+    assert not any("sam/perturbation_fidelity" in e for e in logs.logs)
+    logs = LogRecorder()
+    model = TinyNet(dtype=torch.float32)
+    measured = []
+    trainer = sam_trainer(
+        tmp_path, model, make_data(12, dtype=torch.float32), [logs], sam_diagnostics=True, max_steps=3,
+        bf16=True, logging_steps=2,
+    )  # fmt: skip
+    original = trainer._sam_fidelity.probe
+    trainer._sam_fidelity.probe = lambda *a: measured.append(original(*a) is not None) or original(*a)
+    trainer.train()
+    assert measured == [False, True, False]  # only step 2 is logged
+    assert [("sam/perturbation_fidelity" in e) for e in logs.logs if "loss" in e] == [True]

@@ -1,0 +1,81 @@
+"""The compute dtype a SAM step's forward passes run in, and ``sam/perturbation_fidelity``: what the lowered
+kernels see of the perturbation (:mod:`hf_sam.measures.fidelity`), measured at logging steps only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engine.ascent import MultiStepAscent
+from ..measures.fidelity import lowered_parameters, perturbation_fidelity
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def autocast_dtype(trainer: Any) -> torch.dtype | None:
+    """bf16/fp16 when the forward runs under autocast (accelerate's native AMP, DeepSpeed's torch_autocast);
+    None in fp32."""
+    if trainer.is_deepspeed_enabled:
+        section = trainer.accelerator.state.deepspeed_plugin.deepspeed_config.get("torch_autocast", {})
+        if section.get("enabled", False) in (True, "true"):
+            return _DTYPES.get(str(section.get("dtype", "bfloat16")).replace("torch.", ""), torch.bfloat16)
+        return None
+    accelerator = trainer.accelerator
+    if getattr(accelerator, "native_amp", False):
+        return _DTYPES.get(str(accelerator.mixed_precision))
+    return None
+
+
+class FidelityProbe:
+    """Measures the fidelity at the perturbed point of a step, over the lowered parameters the engine moves."""
+
+    def __init__(self, model: nn.Module, engine: MultiStepAscent, dtype: torch.dtype) -> None:
+        lowered = {id(p) for p in lowered_parameters(model)}
+        self.indices = [j for j, p in enumerate(engine.params) if id(p) in lowered]
+        self.dtype = dtype
+
+    def __call__(self, engine: MultiStepAscent) -> dict[str, torch.Tensor]:
+        if not self.indices:
+            return {}
+        weights, backup = engine.weights, engine.backup
+        cosine, ratio = perturbation_fidelity(
+            [weights[j] for j in self.indices], [backup[j] for j in self.indices], self.dtype
+        )
+        return {"sam/perturbation_fidelity": cosine, "sam/perturbation_fidelity_norm_ratio": ratio}
+
+
+def logs_next_step(trainer: Any) -> bool:
+    """Whether the optimizer step now running will be logged (every step unless logging by steps)."""
+    args, state = trainer.args, trainer.state
+    strategy = str(getattr(args.logging_strategy, "value", args.logging_strategy))
+    if strategy != "steps":
+        return strategy != "no"
+    every = int(getattr(state, "logging_steps", 0) or args.logging_steps or 0)
+    upcoming = state.global_step + 1
+    return (every > 0 and upcoming % every == 0) or (upcoming == 1 and bool(args.logging_first_step))
+
+
+class FidelityLog:
+    """Hands the SAM step a :class:`FidelityProbe` when ``sam/perturbation_fidelity`` is to be measured: with
+    diagnostics, under autocast, on the steps that will be logged (its kernels run over every lowered weight);
+    not under ZeRO-3, whose weights are partitions at that point."""
+
+    def __init__(self) -> None:
+        self._probe: tuple[MultiStepAscent, FidelityProbe] | None = None
+
+    def probe(self, trainer: Any, model: nn.Module, engine: MultiStepAscent) -> FidelityProbe | None:
+        if not trainer.sam_config.diagnostics or not logs_next_step(trainer):
+            return None
+        if trainer.is_deepspeed_enabled:
+            from .deepspeed import zero_stage
+
+            if zero_stage(trainer) == 3:
+                return None
+        dtype = autocast_dtype(trainer)
+        if dtype is None:
+            return None
+        if self._probe is None or self._probe[0] is not engine:
+            self._probe = (engine, FidelityProbe(model, engine, dtype))
+        return self._probe[1]
