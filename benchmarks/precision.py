@@ -28,6 +28,7 @@ import sys
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hf_sam.measures.fidelity import lowered_parameters, perturbation_fidelity  # noqa: E402
@@ -142,10 +143,10 @@ def _to(batch: dict, device: torch.device, floating: torch.dtype | None = None) 
     return out
 
 
-def train_briefly(model, batches, lr: float, device: torch.device) -> None:
+def train_briefly(model, batches, lr: float, device: torch.device, name: str = "") -> None:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    for batch in batches:
+    for batch in tqdm(batches, desc=f"{name}: AdamW steps", leave=False):
         model(**_to(batch, device)).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -203,7 +204,7 @@ def measure(model, batch: dict, rhos: list[float], dtypes: list[str], device: to
     low_idx = [j for j, p in enumerate(params) if id(p) in lowered]
     loss64, grad64 = loss_and_grad(reference, batch64, None, device)
     rows = []
-    for rho in rhos:
+    for rho in tqdm(rhos, desc="rho", leave=False):
         with Perturbed(reference, rho, grad64):
             loss64_e, grad64_e = loss_and_grad(reference, batch64, None, device)
         correction64 = _flat(grad64_e) - _flat(grad64)
@@ -288,7 +289,7 @@ def main() -> int:
         for module in model.modules():  # dropout off even where the config was read before
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-        train_briefly(model, train, lr, device)
+        train_briefly(model, train, lr, device, name)
         rows = measure(model, measured, rhos, args.dtypes, device)
         params = sum(p.numel() for p in model.parameters())
         results[name] = {"params": params, "train_steps": steps, "rows": rows}
