@@ -14,11 +14,17 @@ partitions, so each SAM pass is driven here instead (checked on DeepSpeed 0.19.8
   ``deepspeed.zero.GatheredParameters``, which writes the change back to every rank's partition); the
   fp32 master weights of ZeRO-1/2/3 are never written;
 - after the descent backward the weights are restored bit for bit, a descent other than SAM's own
-  writes its gradient back with ``safe_set_full_grad``, and only then does ``engine.step()`` run.
+  writes its gradient back with ``safe_set_full_grad``, and only then does ``engine.step()`` run;
+- with gradient accumulation, each micro-batch gets its own perturbation from its all-ranks gradient (every
+  pass is reduced at once, as with one micro-batch); the descent gradients of the micro-batches before the
+  step's last wait in :class:`HeldDescent` (the engine's buffers are cleared for the next ascent), and the
+  last one's descent adds them before writing the sum back and stepping. The loss comes divided by the
+  accumulation steps from the Trainer (``scale_wrt_gas=False``, as the Trainer's own backward passes).
 
 What this gathers, per rank and per pass: the full gradient (``safe_get_full_grad``; under ZeRO-1/2
 one all-reduce of each parameter's size), and under ZeRO-3 the full parameters for the SAM update;
-SAM's snapshot is one full fp32 copy of the trainable weights on every rank.
+SAM's snapshot is one full fp32 copy of the trainable weights on every rank, and under accumulation the
+held descent sum one full fp32 gradient.
 
 Mixed precision is DeepSpeed's ``torch_autocast`` (``deepspeed_precision.py``); 16-bit parameter storage is
 refused.
@@ -43,19 +49,13 @@ def zero_stage(trainer: Any) -> int:
 
 def check_deepspeed(trainer: Any) -> None:
     """What SAM under DeepSpeed can make exact; the rest refused before training, naming the flag."""
-    config, args = trainer.sam_config, trainer.args
+    config = trainer.sam_config
     ds_config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
     if not config.sync_ascent:
         raise ValueError(
             "SAMTrainer under DeepSpeed needs --sam_sync_ascent true: ZeRO reduces every backward's gradient over "
             "all ranks (it cannot skip the sync), so the ascent is the all-ranks gradient, one perturbation for "
             "all ranks, as --sam_sync_ascent gives under DDP."
-        )
-    if args.gradient_accumulation_steps > 1:
-        raise ValueError(
-            "SAMTrainer under DeepSpeed does not support gradient accumulation yet: every SAM pass must reduce its "
-            "gradient at an accumulation boundary, which would also reduce the earlier micro-batches'. Use "
-            "gradient_accumulation_steps=1 with a larger per-device batch."
         )
     map_bf16_onto_autocast(trainer)
     check_precision(trainer)
@@ -89,14 +89,45 @@ def _padded(param: torch.nn.Parameter, full: torch.Tensor) -> torch.Tensor:
     return flat
 
 
+class HeldDescent:
+    """The descent gradients of a step's micro-batches before its last, summed (full tensors), while the
+    engine's buffers serve the next micro-batch's ascent. Lives on the trainer across micro-batches."""
+
+    def __init__(self) -> None:
+        self.grads: list[torch.Tensor | None] | None = None
+
+    def add(self, grads: list[torch.Tensor | None]) -> None:
+        if self.grads is None:
+            self.grads = [None if g is None else g.clone() for g in grads]
+            return
+        for j, g in enumerate(grads):
+            if g is not None:
+                held = self.grads[j]
+                self.grads[j] = g.clone() if held is None else held.add_(g)
+
+    def take(self) -> list[torch.Tensor | None] | None:
+        grads, self.grads = self.grads, None
+        return grads
+
+
 class DeepSpeedPasses:
     """The passes of one SAM micro-batch on a DeepSpeed engine (see the module)."""
 
-    def __init__(self, ds_engine: Any, params: list[torch.nn.Parameter], stage: int, rewrites: bool) -> None:
+    def __init__(
+        self,
+        ds_engine: Any,
+        params: list[torch.nn.Parameter],
+        stage: int,
+        rewrites: bool,
+        held: HeldDescent | None = None,
+        last_micro_batch: bool = True,
+    ) -> None:
         self.ds_engine = ds_engine
         self.params = params
         self.stage = stage
         self.rewrites = rewrites  # the descent changes g_s (mean): write the final gradient back
+        self.held_descent = held if held is not None else HeldDescent()
+        self.last_micro_batch = last_micro_batch  # the step's last: add the held descents and step
         self._grads: list[torch.Tensor | None] = []
         self._held: list[torch.Tensor | None] = []
 
@@ -113,7 +144,7 @@ class DeepSpeedPasses:
         from deepspeed.utils import safe_get_full_grad
 
         self.ds_engine.set_gradient_accumulation_boundary(True)
-        self.ds_engine.backward(loss)
+        self.ds_engine.backward(loss, scale_wrt_gas=False)  # the Trainer divided by the accumulation steps
         grads = [safe_get_full_grad(p) for p in self.params]  # collective: every rank calls it
         return [None if g is None else g.detach().clone() for g in grads]
 
@@ -157,7 +188,15 @@ class DeepSpeedPasses:
             engine.restore()  # before the step: ZeRO-0 steps the parameters themselves
             for p in self.params:
                 p.grad = None
-        if self.rewrites or self.stage == 0:
+        if not self.last_micro_batch:  # its descent waits; the buffers serve the next micro-batch's ascent
+            self.held_descent.add(final)
+            self.ds_engine.optimizer.zero_grad()
+            self._grads, self._held = [], []
+            return
+        earlier = self.held_descent.take()
+        if earlier is not None:
+            final = [e if g is None else (g if e is None else g + e) for g, e in zip(final, earlier, strict=True)]
+        if self.rewrites or self.stage == 0 or earlier is not None:
             for p, g in zip(self.params, final, strict=True):
                 if g is None:
                     continue

@@ -114,6 +114,7 @@ class SAMMixin:
         )
         self._sam_pending_tensors: dict[str, Any] | None = None  # state read from a checkpoint, not yet bound
         self._sam_fidelity = FidelityLog()  # sam/perturbation_fidelity
+        self._sam_held_descent: Any = None  # DeepSpeed with accumulation: the earlier micro-batches' descents
         if sam_config.ascent_steps >= 1:
             self.add_callback(_EverySAMStepRan(self))
             self.add_callback(_AfterOptimizerStep(self))
@@ -298,10 +299,18 @@ class SAMMixin:
         """Where the passes' gradients are: autograd's p.grad, or DeepSpeed's partitions."""
         if not self.is_deepspeed_enabled:
             return PlainPasses()
-        from .deepspeed import DeepSpeedPasses, zero_stage
+        from .deepspeed import DeepSpeedPasses, HeldDescent, zero_stage
 
-        ds_engine = self.accelerator.deepspeed_engine_wrapped.engine
-        return DeepSpeedPasses(ds_engine, engine.params, zero_stage(self), rewrites=self.sam_config.descent != "last")
+        if self._sam_held_descent is None:
+            self._sam_held_descent = HeldDescent()
+        return DeepSpeedPasses(
+            self.accelerator.deepspeed_engine_wrapped.engine,
+            engine.params,
+            zero_stage(self),
+            rewrites=self.sam_config.descent != "last",
+            held=self._sam_held_descent,
+            last_micro_batch=self.accelerator.sync_gradients,  # the micro-batch the optimizer steps after
+        )
 
     # --------------------------------------------------------- state across steps
     def _sam_micro_batch_done(self, passes: int) -> None:

@@ -99,8 +99,9 @@ def train(out_dir, stage, sam, steps=STEPS, resume=None, **extra):
         sam_sync_ascent=True,
         **sam,
     )
+    rows = 6 * steps * args.gradient_accumulation_steps  # 3 rows per rank and micro-batch
     trainer = SeeingTrainer(
-        model=model, args=args, train_dataset=make_data(6 * steps, seed=4, dtype=torch.float32), callbacks=[recorder]
+        model=model, args=args, train_dataset=make_data(rows, seed=4, dtype=torch.float32), callbacks=[recorder]
     )
     trainer.seen = []
     # the precision sections DeepSpeed gets, after SAMTrainer's checks (and its --bf16 mapping)

@@ -151,7 +151,6 @@ def _deepspeed_trainer(ds_config=None, accumulation=1, bf16=False, fp16=False, u
     "kwargs,words",
     [
         ({"sync_ascent": False}, "needs --sam_sync_ascent true"),
-        ({"accumulation": 2}, "gradient accumulation"),
         ({"ds_config": {"bf16": {"enabled": True}}}, "bf16 parameter storage"),
         ({"ds_config": {"bf16": {"enabled": True}}, "bf16": True}, '"torch_autocast": {"enabled": true'),
         # --fp16 with fp16 "auto", as accelerate fills it
@@ -189,6 +188,7 @@ def test_deepspeed_set_ups_sam_makes_exact_are_accepted():
         check_launch(_deepspeed_trainer(**config))
     check_launch(_deepspeed_trainer(ds_config={"bf16": {"enabled": False}}))  # "auto" with --bf16 off: fp32
     check_launch(_deepspeed_trainer(ds_config={"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}))
+    check_launch(_deepspeed_trainer(accumulation=3))  # each micro-batch its own synchronized ascent
 
 
 @pytest.mark.parametrize("user", [{"bf16": {"enabled": "auto"}}, {}], ids=["auto", "absent"])
