@@ -13,8 +13,8 @@ _FULL_PRECISION = (torch.float32, torch.float64)
 
 
 def check_launch(trainer) -> None:
-    """DeepSpeed and FSDP2 without a synchronized ascent or with gradient accumulation, FSDP1, and
-    DataParallel: refuse with the reason and what to use instead."""
+    """DeepSpeed and FSDP2 without a synchronized ascent, FSDP1, DataParallel, and what DeepSpeed cannot make
+    exact yet: refuse with the reason and what to use instead."""
     if trainer.is_deepspeed_enabled:
         from .deepspeed import check_deepspeed
 
@@ -140,7 +140,8 @@ def check_family(trainer) -> None:
 
 
 def check_fsdp(trainer) -> None:
-    """FSDP2 works with a synchronized ascent and without gradient accumulation; FSDP1 does not."""
+    """FSDP2 works with a synchronized ascent (with gradient accumulation too: hf_sam.trainer.launch); FSDP1
+    does not."""
     version = getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1)
     if version != 2:
         raise ValueError(
@@ -152,10 +153,4 @@ def check_fsdp(trainer) -> None:
             "SAMTrainer under FSDP needs --sam_sync_ascent true: FSDP2 leaves no per-device gradient after a "
             "backward without gradient sync, so every ascent gradient is the all-ranks gradient (one "
             "perturbation for all ranks, as --sam_sync_ascent gives under DDP)."
-        )
-    if trainer.args.gradient_accumulation_steps > 1:
-        raise ValueError(
-            "SAMTrainer under FSDP does not support gradient accumulation: FSDP2 keeps the gradients of "
-            "non-final micro-batches unsharded and adds them into the next synchronized backward, which would "
-            "be an ascent pass. Use gradient_accumulation_steps=1 with a larger per-device batch."
         )

@@ -117,6 +117,54 @@ def run_mixed(name, mesh, rank):
     }
 
 
+ACCUMULATION = {
+    "k1-m2": (dict(ascent_steps=1), 2),
+    "k2-projected-asam-m3": (dict(ascent_steps=2, ascent_rule="projected", adaptive=True), 3),
+    "k2-mean-m2": (dict(ascent_steps=2, descent="mean"), 2),
+}
+ACCUMULATION_STEPS = 2
+
+
+def run_accumulation(name, mesh, rank):
+    """Gradient accumulation as the Trainer runs it under FSDP2: the non-final micro-batches inside accelerate's
+    no_sync (requires_gradient_sync False), every micro-batch's SAM passes inside SAMTrainer's GradientSync
+    contexts, the loss divided by the micro-batches; SGD steps once per step."""
+    from hf_sam.trainer.launch import GradientSync
+
+    sam, micro = ACCUMULATION[name]
+    torch.manual_seed(0)
+    model = TinyNet()
+    for layer in (model.fc1, model.fc2, model):
+        fully_shard(layer, mesh=mesh)
+    start = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = MultiStepAscent(model.parameters(), **SAMConfig(rho=0.3, **sam).engine_kwargs())
+    rows = make_data(6 * micro * ACCUMULATION_STEPS, seed=17)
+    for t in range(ACCUMULATION_STEPS):
+        for m in range(micro):
+            base = (t * micro + m) * 6 + rank * 3
+            x, y = batch_of(rows[base : base + 3])
+            last = m == micro - 1
+            model.set_requires_gradient_sync(last)  # accelerate's no_sync for all but the last micro-batch
+            sync = GradientSync(model, sync_ascent=True)
+            with sync.ascent():
+                engine.begin()
+                F.cross_entropy(model(x)["logits"], y).div(micro).backward()
+                engine.ascend()
+                for _ in range(engine.ascent_steps - 1):
+                    F.cross_entropy(model(x)["logits"], y).div(micro).backward()
+                    engine.ascend()
+                factor = engine.begin_descent()
+                with sync.descent():
+                    (F.cross_entropy(model(x)["logits"], y).div(micro) * factor).backward()
+                engine.end_descent()
+                engine.restore()
+            model.set_requires_gradient_sync(True)
+        optimizer.step()
+        optimizer.zero_grad()
+    return {"start": start, "end": {n: p.full_tensor().clone() for n, p in model.named_parameters()}}
+
+
 def main():
     out_dir = sys.argv[1]
     torch.set_num_threads(1)
@@ -169,8 +217,10 @@ def main():
         p.grad = None
     family = {name: run_family(name, mesh, rank) for name in FAMILY}
     mixed = {name: run_mixed(name, mesh, rank) for name in MIXED}
+    accumulation = {name: run_accumulation(name, mesh, rank) for name in ACCUMULATION}
     torch.save(
         {
+            "accumulation": accumulation,
             "family": family,
             "mixed": mixed,
             "skipped": skipped,
