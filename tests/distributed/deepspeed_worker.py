@@ -99,7 +99,7 @@ def train(out_dir, stage, sam, steps=STEPS, resume=None, **extra):
         sam_sync_ascent=True,
         **sam,
     )
-    rows = 6 * steps * args.gradient_accumulation_steps  # 3 rows per rank and micro-batch
+    rows = 3 * dist.get_world_size() * steps * args.gradient_accumulation_steps  # 3 per rank and micro-batch
     trainer = SeeingTrainer(
         model=model, args=args, train_dataset=make_data(rows, seed=4, dtype=torch.float32), callbacks=[recorder]
     )

@@ -139,10 +139,11 @@ def run_accumulation(name, mesh, rank):
     start = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     engine = MultiStepAscent(model.parameters(), **SAMConfig(rho=0.3, **sam).engine_kwargs())
-    rows = make_data(6 * micro * ACCUMULATION_STEPS, seed=17)
+    world = dist.get_world_size()
+    rows = make_data(3 * world * micro * ACCUMULATION_STEPS, seed=17)
     for t in range(ACCUMULATION_STEPS):
         for m in range(micro):
-            base = (t * micro + m) * 6 + rank * 3
+            base = (t * micro + m) * 3 * world + rank * 3
             x, y = batch_of(rows[base : base + 3])
             last = m == micro - 1
             model.set_requires_gradient_sync(last)  # accelerate's no_sync for all but the last micro-batch
@@ -171,6 +172,12 @@ def main():
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    if sys.argv[2:] == ["accumulation"]:  # the key case on more ranks: accumulation only
+        accumulation = {name: run_accumulation(name, mesh, rank) for name in ACCUMULATION}
+        torch.save({"accumulation": accumulation}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+        sys.stdout.flush()
+        os._exit(0)
     torch.manual_seed(0)
     model = TinyNet()  # float64, the same initial weights on every rank
     for layer in (model.fc1, model.fc2, model):

@@ -40,23 +40,37 @@ CONFIGS = [
 
 
 def _launch(
-    out: Path, stage: int, resume: bool = False, configs: list[dict] = CONFIGS, precision: dict | None = None
+    out: Path,
+    stage: int,
+    resume: bool = False,
+    configs: list[dict] = CONFIGS,
+    precision: dict | None = None,
+    ranks: int = 2,
 ) -> list[dict]:
     """``precision``: DeepSpeed config sections for every run (keys with "_" are the worker's switches)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env["HF_SAM_TEST_DS_PRECISION"] = json.dumps(precision or {})
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+        "--master_port", str(_free_port()),
         str(ROOT / "tests" / "distributed" / "deepspeed_worker.py"), str(out), str(stage), json.dumps(configs),
         *(["resume"] if resume else []),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=out)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return [torch.load(out / f"rank{r}.pt") for r in range(ranks)]
 
 
-@pytest.fixture(scope="module", params=[0, 1, 2, 3], ids=lambda s: f"zero{s}")
+# the key cases again on 4 ranks (2 cores: slower, so fewer): ZeRO-2 and ZeRO-3 with accumulation
+FOUR_RANK_CONFIGS = [CONFIGS[5], CONFIGS[6]]
+
+
+@pytest.fixture(scope="module", params=[0, 1, 2, 3, "2x4", "3x4"], ids=lambda s: f"zero{s}")
 def zero_ranks(request, tmp_path_factory):
+    if isinstance(request.param, str):  # 4 ranks
+        stage = int(request.param[0])
+        out = tmp_path_factory.mktemp(f"zero{stage}x4")
+        return stage, _launch(out, stage, configs=FOUR_RANK_CONFIGS, ranks=4)
     stage = request.param
     return stage, _launch(tmp_path_factory.mktemp(f"zero{stage}"), stage, resume=stage in (2, 3))
 
@@ -72,12 +86,13 @@ def _reference(config: dict):
 
 def test_updates_match_the_synchronized_float64_reference(zero_ranks):
     stage, ranks = zero_ranks
-    for index, config in enumerate(CONFIGS):
+    configs = CONFIGS if len(ranks) == 2 else FOUR_RANK_CONFIGS
+    for index, config in enumerate(configs):
         runs = [rank["results"][index] for rank in ranks]
-        # two ranks that trained on different halves of every step's batch
-        assert len(runs) == 2 and not torch.equal(runs[0]["batches"][0]["x"], runs[1]["batches"][0]["x"])
+        # ranks that trained on different parts of every step's batch
+        assert not torch.equal(runs[0]["batches"][0]["x"], runs[1]["batches"][0]["x"])
         for name in NAMES:  # one perturbation from the all-ranks gradient: the ranks agree bit for bit
-            assert torch.equal(runs[0]["after"][name], runs[1]["after"][name]), (stage, config)
+            assert all(torch.equal(runs[0]["after"][name], run["after"][name]) for run in runs), (stage, config)
         before = runs[0]["before"]
         shapes = {n: tuple(before[0][n].shape) for n in NAMES}
         afters = before[1:] + [runs[0]["after"]]
@@ -116,8 +131,8 @@ def test_ascent_passes_are_not_optimizer_steps(zero_ranks):
 
 def test_resume_under_deepspeed_is_exact(zero_ranks):
     stage, ranks = zero_ranks
-    if stage not in (2, 3):
-        pytest.skip("resume is checked on ZeRO-2 and ZeRO-3")
+    if stage not in (2, 3) or len(ranks) != 2:
+        pytest.skip("resume is checked on ZeRO-2 and ZeRO-3, 2 ranks")
     for rank in ranks:
         for name in NAMES:
             assert torch.equal(rank["resume"]["straight"][name], rank["resume"]["resumed"][name])

@@ -17,17 +17,25 @@ from .test_distributed import _free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def fsdp_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
+def _launch(out: Path, ranks: int, *mode: str) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-        str(ROOT / "tests" / "distributed" / "fsdp_worker.py"), str(out),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+        "--master_port", str(_free_port()), str(ROOT / "tests" / "distributed" / "fsdp_worker.py"), str(out), *mode,
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=out)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return [torch.load(out / f"rank{r}.pt") for r in range(ranks)]
+
+
+@pytest.fixture(scope="module")
+def fsdp_ranks(tmp_path_factory):
+    return _launch(tmp_path_factory.mktemp("fsdp"), 2)
+
+
+@pytest.fixture(scope="module")
+def fsdp_four_ranks(tmp_path_factory):
+    return _launch(tmp_path_factory.mktemp("fsdp4"), 4, "accumulation")
 
 
 def test_fsdp_engine_step_matches_synchronized_float64_reference(fsdp_ranks):
@@ -188,22 +196,25 @@ ACCUMULATION = {
 
 
 @pytest.mark.parametrize("name", list(ACCUMULATION))
-def test_fsdp_gradient_accumulation_matches_the_synchronized_float64_reference(fsdp_ranks, name):
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_fsdp_gradient_accumulation_matches_the_synchronized_float64_reference(request, ranks, name):
     """Under the Trainer's no_sync, every micro-batch still gets its own perturbation from its all-ranks
     gradient, and the descents add up to the step's update: two SGD steps equal the float64 reference of
-    the joint micro-batches (mean over the micro-batches of synchronized SAM)."""
+    the joint micro-batches (mean over the micro-batches of synchronized SAM), on 2 and on 4 ranks."""
     from ..tiny import make_data
 
+    launched = request.getfixturevalue("fsdp_ranks" if ranks == 2 else "fsdp_four_ranks")
     cfg, micro = ACCUMULATION[name]
-    results = [r["accumulation"][name] for r in fsdp_ranks]
+    results = [r["accumulation"][name] for r in launched]
     start = results[0]["start"]
     shapes = {n: tuple(start[n].shape) for n in NAMES}
-    rows = make_data(6 * micro * 2, seed=17)
+    per_micro = 3 * ranks
+    rows = make_data(per_micro * micro * 2, seed=17)
     w = flatten(start)
     for t in range(2):
         g = 0
         for m in range(micro):
-            joint = rows[(t * micro + m) * 6 : (t * micro + m) * 6 + 6]
+            joint = rows[(t * micro + m) * per_micro : (t * micro + m + 1) * per_micro]
             x = torch.stack([r["x"] for r in joint])
             y = torch.stack([r["labels"] for r in joint])
             g = g + sam_gradient(w, shapes, x, y, rho=0.3, **cfg) / micro
