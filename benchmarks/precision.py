@@ -14,7 +14,8 @@ A setting "keeps SAM's correction" when the correction's cosine is >= 0.99 and t
     python benchmarks/precision.py --device cuda --data synthetic --models bert-base vit-base bert-large
     HF_SAM_GPU_DRY_RUN=1 python benchmarks/precision.py # the GPU session's part on the CPU, tiny models
 
-fp16 gradients are taken with a fixed loss scale of 2^12 (a GradScaler's role), then unscaled.
+fp16 gradients are taken with a fixed loss scale of 2^12 (a GradScaler's role), then unscaled. On a CPU without
+native fp16 matmuls fp16 is measured only on models up to 30M parameters (``--fp16_max_params``).
 """
 
 from __future__ import annotations
@@ -263,6 +264,12 @@ def main() -> int:
     parser.add_argument("--rhos", nargs="+", type=float, default=RHOS)
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], choices=list(DTYPES))
     parser.add_argument("--train_steps", type=int, default=None, help="AdamW steps before measuring (per model).")
+    parser.add_argument(
+        "--fp16_max_params",
+        type=float,
+        default=None,
+        help="Skip fp16 for larger models (default: 30M on a CPU, whose fp16 matmuls are emulated; none on a GPU).",
+    )
     parser.add_argument("--json", default=None, help="Write the rows here as well.")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not dry else "cpu"))
@@ -290,8 +297,10 @@ def main() -> int:
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
         train_briefly(model, train, lr, device, name)
-        rows = measure(model, measured, rhos, args.dtypes, device)
         params = sum(p.numel() for p in model.parameters())
+        limit = args.fp16_max_params or (30e6 if device.type == "cpu" else math.inf)
+        dtypes = [d for d in args.dtypes if d != "fp16" or params <= limit]
+        rows = measure(model, measured, rhos, dtypes, device)
         results[name] = {"params": params, "train_steps": steps, "rows": rows}
         print(f"# {name}: {params / 1e6:.1f}M parameters, {steps} AdamW steps, {time.perf_counter() - start:.0f} s",
               flush=True)  # fmt: skip
