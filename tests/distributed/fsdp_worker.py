@@ -163,7 +163,14 @@ def run_accumulation(name, mesh, rank):
             model.set_requires_gradient_sync(True)
         optimizer.step()
         optimizer.zero_grad()
-    return {"start": start, "end": {n: p.full_tensor().clone() for n, p in model.named_parameters()}}
+    return {
+        "start": start,
+        "end": {n: p.full_tensor().clone() for n, p in model.named_parameters()},
+        # SAM's own state on this rank against the model and this rank's shard
+        "sam_elements": sum(b.numel() for b in engine._moved.buffers),
+        "shard_elements": sum(p.to_local().numel() for p in model.parameters()),
+        "model_elements": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def main():

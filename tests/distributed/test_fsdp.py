@@ -221,5 +221,8 @@ def test_fsdp_gradient_accumulation_matches_the_synchronized_float64_reference(r
         w = w - 0.1 * g
     for r in results:
         torch.testing.assert_close(flatten(r["end"]), w, rtol=0, atol=1e-12)
+        # SAM's snapshot is this rank's shard, never a full copy of the weights
+        assert r["sam_elements"] == r["shard_elements"] < r["model_elements"]
+    assert sum(r["sam_elements"] for r in results) == results[0]["model_elements"]
     # the comparison is not vacuous: the two steps move the weights
     assert (w - flatten(start)).abs().max() > 1e-3
