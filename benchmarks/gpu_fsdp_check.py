@@ -31,6 +31,8 @@ CASES = {
     "projected-asam-mean-fp32": dict(
         sam_ascent_steps=3, sam_ascent_rule="projected", sam_adaptive=True, sam_descent="mean"
     ),
+    # accumulation under the Trainer's no_sync: every SAM pass still reduce-scatters (bf16 autocast)
+    "accumulation-2-bf16": dict(sam_ascent_steps=2, gradient_accumulation_steps=2, bf16=True),
 }
 
 

@@ -4,7 +4,7 @@
 #   versions.txt  precision.txt  precision_measure.txt  sync.txt  bench.txt  bench.json  profile.txt  fsdp2.txt
 #   deepspeed.txt
 # Under 8.5 minutes on one H200 with the image's own torch, transformers and accelerate: the parts' limits add up
-# to 500 s, and a part that reaches its limit is cut and gets a FAIL line.
+# to 505 s, and a part that reaches its limit is cut and gets a FAIL line.
 #
 # On a GPU: once, here, `bash benchmarks/gpu_wheels.sh` (the peer and DeepSpeed with what the image lacks),
 # then the device tool: command "bash benchmarks/gpu_session.sh", carry [".whl"], timeout_s 560. Record the
@@ -59,19 +59,19 @@ part versions 30 versions.txt bash -c versions
 # bf16 and fp16 SAM steps on BERT-base and ViT-base: weights restored, finite
 part precision 60 precision.txt python3 benchmarks/gpu_check.py
 # what bf16/fp16 autocast does to SAM's perturbation and correction, by model size (synthetic data: no datasets)
-part precision_measure 50 precision_measure.txt python3 benchmarks/precision.py --data synthetic \
+part precision_measure 45 precision_measure.txt python3 benchmarks/precision.py --data synthetic \
     --models bert-base vit-base bert-large --train_steps 50
 # no host sync inside a SAM step, under CUDA's sync debug mode
 part sync 45 sync.txt python3 benchmarks/gpu_sync_check.py
 # step time (CUDA events, samples >= 0.25 s), share of the bf16 peak, peak memory: BERT-base, ViT-base, ResNet-50;
 # the k=1 rows (every rule, the peer), whose intervals must resolve to +-0.01
-part bench 170 bench.txt python3 benchmarks/bench_step.py --preset gpu --ks 1 --no_family --time_cap 40 \
+part bench 160 bench.txt python3 benchmarks/bench_step.py --preset gpu --ks 1 --no_family --time_cap 40 \
     --warmup_cap 8 --json "$out/bench.json"
 part profile 40 profile.txt python3 benchmarks/profile_step.py --preset gpu --model bert-base --k 1 --steps 20 \
     --torch_profiler
 # FSDP2 through the Trainer against the same run without FSDP (one GPU, torchrun with one process)
 part fsdp2 50 fsdp2.txt python3 benchmarks/gpu_fsdp_check.py
-# DeepSpeed ZeRO-2 through the Trainer against the same run without DeepSpeed, fp32 and --bf16 (torch_autocast);
-# bf16 parameter storage refused
-part deepspeed 55 deepspeed.txt python3 benchmarks/gpu_deepspeed_check.py
+# DeepSpeed ZeRO-2 through the Trainer against the same run without DeepSpeed, fp32 and --bf16 (torch_autocast,
+# ZeRO-2 and ZeRO-3), one case with accumulation; bf16 parameter storage refused
+part deepspeed 75 deepspeed.txt python3 benchmarks/gpu_deepspeed_check.py
 python3 benchmarks/session_verdicts.py "$out"
