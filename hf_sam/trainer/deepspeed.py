@@ -63,12 +63,20 @@ def check_deepspeed(trainer: Any) -> None:
     for key in ("offload_optimizer", "offload_param"):
         if zero.get(key, {}).get("device", "none") not in ("none", None):
             raise ValueError(f"SAMTrainer under DeepSpeed does not support ZeRO's {key} (not proven exact).")
+    if config.descent == "wsam" and config.wsam_decouple:
+        raise ValueError(
+            "sam_descent='wsam' with sam_wsam_decouple=true is not supported under DeepSpeed: its update after the "
+            "optimizer step would move the module's parameters, while ZeRO steps its own fp32 partitions and "
+            "writes them back over the parameters. Use --sam_wsam_decouple false (the coupled WSAM)."
+        )
+    # every rank holds the full all-ranks gradients and weights during a SAM update (DeepSpeedPasses), so the
+    # descents that rewrite g_s, F-SAM's direction and the rho schedule run as in one process
     for name, value, allowed in (
         ("sam_method", config.method, ("sam",)),
-        ("sam_descent", config.descent, ("last", "mean")),
-        ("sam_direction", config.direction, ("gradient",)),
+        ("sam_descent", config.descent, ("last", "mean", "gsam", "wsam")),
+        ("sam_direction", config.direction, ("gradient", "friendly")),
         ("sam_every_n_steps", config.every_n_steps, (1,)),
-        ("sam_rho_schedule", config.rho_schedule, ("constant",)),
+        ("sam_rho_schedule", config.rho_schedule, ("constant", "lr")),
     ):
         if value not in allowed:
             raise ValueError(

@@ -89,9 +89,11 @@ def train(out_dir, stage, sam, steps=STEPS, resume=None, **extra):
     model = TinyNet(dtype=torch.float32)
     dtypes = record_compute_dtypes(model)
     recorder = Recorder(stage)
+    trainer_options = {k: v for k, v in sam.items() if not k.startswith("sam_")}  # e.g. the accumulation
+    sam = {k: v for k, v in sam.items() if k.startswith("sam_")}
     args = SAMTrainingArguments(
         output_dir=out_dir,
-        **{**BASE_ARGS, "per_device_train_batch_size": 3, "max_steps": steps, **extra},
+        **{**BASE_ARGS, "per_device_train_batch_size": 3, "max_steps": steps, **trainer_options, **extra},
         deepspeed=ds_config(stage),
         bf16=precision_options()[1].get("_bf16_flag", False),
         accelerator_config={"use_configured_state": True},

@@ -61,6 +61,19 @@ def _launch(
     return [torch.load(out / f"rank{r}.pt") for r in range(ranks)]
 
 
+# the SAM family members that run under ZeRO (ZeRO-2 and ZeRO-3 launches), in the trainer's flags and the
+# float64 family reference's keys
+FAMILY_CONFIGS = [
+    ({"sam_descent": "gsam", "sam_gsam_alpha": 0.5, "sam_ascent_steps": 2, "sam_adaptive": True},
+     {"descent": "gsam", "gsam_alpha": 0.5, "k": 2, "adaptive": True}),
+    ({"sam_descent": "wsam", "sam_wsam_gamma": 0.6, "sam_wsam_decouple": False},
+     {"descent": "wsam", "wsam_gamma": 0.6, "wsam_decouple": False}),
+    ({"sam_direction": "friendly", "sam_friendly_sigma": 0.8, "sam_friendly_lambda": 0.5, "sam_ascent_steps": 2},
+     {"direction": "friendly", "sigma": 0.8, "lam": 0.5, "k": 2}),
+    ({"sam_rho_schedule": "lr", "sam_rho_min": 0.05, "lr_scheduler_type": "linear", "gradient_accumulation_steps": 2},
+     {"rho_schedule": "linear"}),
+]  # fmt: skip
+
 # the key cases again on 4 ranks (2 cores: slower, so fewer): ZeRO-2 and ZeRO-3 with accumulation
 FOUR_RANK_CONFIGS = [CONFIGS[5], CONFIGS[6]]
 
@@ -72,7 +85,8 @@ def zero_ranks(request, tmp_path_factory):
         out = tmp_path_factory.mktemp(f"zero{stage}x4")
         return stage, _launch(out, stage, configs=FOUR_RANK_CONFIGS, ranks=4)
     stage = request.param
-    return stage, _launch(tmp_path_factory.mktemp(f"zero{stage}"), stage, resume=stage in (2, 3))
+    configs = CONFIGS + ([sam for sam, _ in FAMILY_CONFIGS] if stage in (2, 3) else [])
+    return stage, _launch(tmp_path_factory.mktemp(f"zero{stage}"), stage, resume=stage in (2, 3), configs=configs)
 
 
 def _reference(config: dict):
@@ -87,7 +101,7 @@ def _reference(config: dict):
 def test_updates_match_the_synchronized_float64_reference(zero_ranks):
     stage, ranks = zero_ranks
     configs = CONFIGS if len(ranks) == 2 else FOUR_RANK_CONFIGS
-    for index, config in enumerate(configs):
+    for index, config in enumerate(configs):  # (the family configurations after these: their own test)
         runs = [rank["results"][index] for rank in ranks]
         # ranks that trained on different parts of every step's batch
         assert not torch.equal(runs[0]["batches"][0]["x"], runs[1]["batches"][0]["x"])
@@ -136,3 +150,41 @@ def test_resume_under_deepspeed_is_exact(zero_ranks):
     for rank in ranks:
         for name in NAMES:
             assert torch.equal(rank["resume"]["straight"][name], rank["resume"]["resumed"][name])
+
+
+def test_family_under_zero_matches_the_float64_family_reference(zero_ranks):
+    """GSAM with ASAM, coupled WSAM, F-SAM and the rho schedule (with accumulation) under ZeRO-2 and ZeRO-3
+    equal one process of the family's float64 reference on the joint micro-batches."""
+    from ..reference_family import simulate
+
+    stage, ranks = zero_ranks
+    if stage not in (2, 3) or len(ranks) != 2:
+        pytest.skip("the family runs under ZeRO-2 and ZeRO-3 on 2 ranks")
+    for offset, (sam, cfg) in enumerate(FAMILY_CONFIGS):
+        runs = [rank["results"][len(CONFIGS) + offset] for rank in ranks]
+        for name in NAMES:
+            assert torch.equal(runs[0]["after"][name], runs[1]["after"][name]), (stage, sam)
+        micro = sam.get("gradient_accumulation_steps", 1)
+        steps = len(runs[0]["before"])
+        batches = [
+            [
+                (
+                    torch.cat([r["batches"][t * micro + m]["x"] for r in runs]).double(),
+                    torch.cat([r["batches"][t * micro + m]["labels"] for r in runs]),
+                )
+                for m in range(micro)
+            ]
+            for t in range(steps)
+        ]
+        start = runs[0]["before"][0]
+        shapes = {n: tuple(start[n].shape) for n in NAMES}
+        opt = {"name": "sgd", "lr": LR}
+        reference = {"rho": RHO, **cfg}
+        if cfg.get("rho_schedule") == "linear":  # the Trainer's linear decay to 0 over the run
+            opt["lrs"] = [LR * (steps - t) / steps for t in range(steps)]
+            reference["rho_schedule"] = (sam["sam_rho_min"], 0.0, LR)
+        want = simulate(flatten(start), shapes, batches, reference, opt)
+        got = [flatten(w) for w in runs[0]["before"][1:]] + [flatten(runs[0]["after"])]
+        for t, (a, b) in enumerate(zip(got, want, strict=True)):
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-6, msg=f"zero{stage} {sam} step {t}")
+        assert (want[-1] - flatten(start)).abs().max() > 1e-3

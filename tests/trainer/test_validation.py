@@ -161,9 +161,8 @@ def _deepspeed_trainer(ds_config=None, accumulation=1, bf16=False, fp16=False, u
         ({"ds_config": {"torch_autocast": {"enabled": True, "dtype": "float16"}}}, "torch_autocast with float16"),
         ({"ds_config": {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}}, "offload_param"),
         ({"descent": "xsam"}, "sam_descent='xsam'"),
-        ({"descent": "gsam"}, "sam_descent='gsam'"),
-        ({"direction": "friendly"}, "sam_direction='friendly'"),
-        ({"rho_schedule": "lr"}, "sam_rho_schedule='lr'"),
+        ({"descent": "wsam"}, "sam_wsam_decouple false"),  # decoupled: moves the module's weights after ZeRO's step
+        ({"every_n_steps": 2}, "sam_every_n_steps=2"),
         ({"method": "lookbehind", "sync_ascent": True}, "sam_method='lookbehind'"),
     ],
 )
@@ -189,6 +188,10 @@ def test_deepspeed_set_ups_sam_makes_exact_are_accepted():
     check_launch(_deepspeed_trainer(ds_config={"bf16": {"enabled": False}}))  # "auto" with --bf16 off: fp32
     check_launch(_deepspeed_trainer(ds_config={"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}))
     check_launch(_deepspeed_trainer(accumulation=3))  # each micro-batch its own synchronized ascent
+    # the family members every rank can run on the full all-ranks gradients
+    for config in ({"descent": "gsam"}, {"descent": "wsam", "wsam_decouple": False}, {"direction": "friendly"},
+                   {"rho_schedule": "lr"}):  # fmt: skip
+        check_launch(_deepspeed_trainer(**config))
 
 
 @pytest.mark.parametrize("user", [{"bf16": {"enabled": "auto"}}, {}], ids=["auto", "absent"])
