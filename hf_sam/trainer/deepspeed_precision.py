@@ -9,7 +9,10 @@ Two differences from ``--bf16`` under DDP, both DeepSpeed's:
 - gradients of the "lower precision safe" modules (Linear, Conv by default) are reduced over the ranks in
   the autocast dtype, not fp32; ``"lower_precision_safe_modules": []`` reduces every gradient in fp32, as DDP
   does;
-- fp16 autocast scales the loss with a ``torch.amp.GradScaler`` inside DeepSpeed's optimizer.
+- fp16 autocast scales the loss with a ``torch.amp.GradScaler`` inside DeepSpeed's optimizer: the gradients
+  SAM reads carry its scale (the ascent's direction does not depend on it, as under DDP's fp16; the logs and
+  the state kept across steps are unscaled with :func:`deepspeed_loss_scale`), an overflow in an ascent
+  drops that perturbation, and one in the descent makes DeepSpeed's scaler skip the step.
 
 ``--bf16`` with a DeepSpeed config whose ``bf16.enabled`` is ``"auto"`` or absent is mapped onto
 ``torch_autocast`` (bf16, fp32 communication): the same numbers as DDP with ``--bf16``.
@@ -78,9 +81,8 @@ def map_bf16_onto_autocast(trainer: Any) -> bool:
 
 
 def check_precision(trainer: Any) -> None:
-    """Refuse 16-bit parameter storage and fp16 autocast, naming what works instead."""
+    """Refuse 16-bit parameter storage, naming what works instead."""
     ds_config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
-    autocast = ds_config.get("torch_autocast", {})
     for key, what in (("bf16", "bf16"), ("fp16", "fp16")):
         if _enabled(ds_config.get(key)):
             raise ValueError(
@@ -90,10 +92,21 @@ def check_precision(trainer: Any) -> None:
                 f"instead (fp32 parameters, the forward under torch.autocast): {SNIPPET}; or pass --bf16 with "
                 '"bf16": {"enabled": "auto"} (or no bf16 section), which SAMTrainer maps onto torch_autocast.'
             )
-    if _enabled(autocast) and str(autocast.get("dtype", "bfloat16")).replace("torch.", "") in ("float16", "fp16"):
-        raise ValueError(
-            "SAMTrainer under DeepSpeed does not support torch_autocast with float16 yet: DeepSpeed scales the loss "
-            "with a GradScaler inside its ZeRO optimizer, which SAM's gradient reads (safe_get_full_grad) would "
-            "see scaled by a factor that changes between steps, and an overflow in an ascent pass would be "
-            "skipped by that scaler only at the optimizer step. Use torch_autocast with bfloat16."
-        )
+
+
+def deepspeed_loss_scale(trainer: Any) -> torch.Tensor | None:
+    """fp16 under ``torch_autocast``: the scale of DeepSpeed's own GradScaler (inside the ZeRO optimizer, or
+    the engine's under ZeRO-0), which the gradients SAM reads carry; None otherwise."""
+    wrapped = getattr(trainer.accelerator, "deepspeed_engine_wrapped", None)
+    if wrapped is None:
+        return None
+    engine = wrapped.engine
+    scaler = getattr(engine.optimizer, "torch_autocast_gradscaler", None) or getattr(
+        engine, "torch_autocast_z0_gradscaler", None
+    )
+    if scaler is None or not scaler.is_enabled():
+        return None
+    scale = getattr(scaler, "_scale", None)
+    if scale is None:  # before its first backward: the initial scale
+        scale = torch.tensor(scaler.get_scale(), dtype=torch.float32, device=trainer.args.device)
+    return scale

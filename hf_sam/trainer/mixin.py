@@ -353,6 +353,10 @@ class SAMMixin:
 
     # ------------------------------------------------------------------- logging
     def _loss_scale(self) -> torch.Tensor | None:
+        if self.is_deepspeed_enabled:
+            from .deepspeed_precision import deepspeed_loss_scale
+
+            return deepspeed_loss_scale(self)
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is None or not scaler.is_enabled():
             return None

@@ -123,6 +123,7 @@ def train(out_dir, stage, sam, steps=STEPS, resume=None, **extra):
         "trainer_steps": int(trainer.state.global_step),
         "compute_dtypes": sorted(set(dtypes)),
         "ds_precision": ds_precision,
+        "loss_scale": None if trainer._loss_scale() is None else float(trainer._loss_scale()),
     }
     # accelerate takes a DeepSpeed plugin only in the first Accelerator of a process: forget it (the gloo
     # process group of the PartialState stays) so that the next configuration builds its own

@@ -16,7 +16,7 @@ import torch
 from transformers import set_seed
 
 from ..helpers import WeightRecorder, sam_trainer
-from ..reference_sam import NAMES, flatten
+from ..reference_sam import NAMES, flatten, sam_gradient
 from ..tiny import TinyNet
 from .test_deepspeed import LR, RHO, _launch
 
@@ -32,6 +32,8 @@ CASES = {
     "zero3-bf16-comm": (3, {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}),
     # --bf16 with bf16 "auto": SAMTrainer maps it onto torch_autocast with fp32 reduction
     "zero2-mapped-bf16": (2, {"bf16": {"enabled": "auto"}, "_bf16_flag": True}),
+    # fp16: DeepSpeed's GradScaler inside the ZeRO optimizer scales every gradient SAM reads
+    "zero2-fp16": (2, {"torch_autocast": {"enabled": True, "dtype": "float16"}}),
 }
 
 
@@ -70,19 +72,41 @@ def test_autocast_sam_equals_one_process_bf16(autocast_ranks, tmp_path):
     case, ranks = autocast_ranks
     for index, config in enumerate(AUTOCAST_CONFIGS):
         runs = [rank["results"][index] for rank in ranks]
-        # the forward really ran under bf16 autocast, on both ranks
-        assert all(run["compute_dtypes"] == ["torch.bfloat16"] for run in runs), (case, runs[0]["compute_dtypes"])
+        # the forward really ran under autocast, on both ranks
+        dtype = "torch.float16" if case.endswith("fp16") else "torch.bfloat16"
+        assert all(run["compute_dtypes"] == [dtype] for run in runs), (case, runs[0]["compute_dtypes"])
         for name in NAMES:  # one perturbation from the all-ranks gradient: the ranks agree bit for bit
             assert torch.equal(runs[0]["after"][name], runs[1]["after"][name]), (case, config)
         got = flatten(runs[0]["after"])
-        bf16 = _one_process(tmp_path / f"bf16-{index}", runs, config, bf16=True)
         fp32 = _one_process(tmp_path / f"fp32-{index}", runs, config, bf16=False)
+        # (accelerate gives no fp16 on a CPU: the fp16 case is held to fp32, which fp16 rounds less than bf16)
+        bf16 = fp32 if case.endswith("fp16") else _one_process(tmp_path / f"bf16-{index}", runs, config, bf16=True)
         no_sam = _one_process(tmp_path / f"plain-{index}", runs, {"sam_ascent_steps": 0}, bf16=True)
         assert _distance(got, bf16) < BF16_TOLERANCE, (case, config, _distance(got, bf16))
         # from fp32 it differs by bf16 rounding only, as one-process --bf16 does
         assert _distance(got, fp32) < BF16_TOLERANCE, (case, config, _distance(got, fp32))
         # what a driver without SAM would give lies far outside the tolerance
         assert _distance(no_sam, bf16) > 4 * BF16_TOLERANCE, _distance(no_sam, bf16)
+
+
+def test_fp16_gradients_carry_deepspeeds_loss_scale_and_the_logs_do_not(autocast_ranks):
+    """Under fp16 the ascent gradients SAM reads are scaled by DeepSpeed's GradScaler (2^16 at first); the
+    logged sam/grad_norm is the unscaled norm of the float64 reference, not 2^16 times it."""
+    case, ranks = autocast_ranks
+    if not case.endswith("fp16"):
+        pytest.skip("the fp16 case")
+    for index, config in enumerate(AUTOCAST_CONFIGS):
+        runs = [rank["results"][index] for rank in ranks]
+        assert runs[0]["loss_scale"] is not None and runs[0]["loss_scale"] > 1.0
+        start = runs[0]["before"][0]
+        shapes = {n: tuple(start[n].shape) for n in NAMES}
+        x = torch.cat([r["batches"][0]["x"] for r in runs]).double()
+        y = torch.cat([r["batches"][0]["labels"] for r in runs])
+        k = config.get("sam_ascent_steps", 1)
+        _, first_norm, _ = sam_gradient(
+            flatten(start), shapes, x, y, k, RHO, adaptive=config.get("sam_adaptive", False), norms=True
+        )
+        assert runs[0]["norms"][0][0] == pytest.approx(float(first_norm), rel=1e-2)
 
 
 def test_ascent_passes_are_not_optimizer_steps_under_autocast(autocast_ranks):

@@ -158,7 +158,6 @@ def _deepspeed_trainer(ds_config=None, accumulation=1, bf16=False, fp16=False, u
             {"ds_config": {"fp16": {"enabled": True}}, "fp16": True, "user_config": {"fp16": {"enabled": "auto"}}},
             "fp16 parameter storage",
         ),
-        ({"ds_config": {"torch_autocast": {"enabled": True, "dtype": "float16"}}}, "torch_autocast with float16"),
         ({"ds_config": {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}}, "offload_param"),
         ({"descent": "xsam"}, "sam_descent='xsam'"),
         ({"descent": "wsam"}, "sam_wsam_decouple false"),  # decoupled: moves the module's weights after ZeRO's step
@@ -187,6 +186,7 @@ def test_deepspeed_set_ups_sam_makes_exact_are_accepted():
         check_launch(_deepspeed_trainer(**config))
     check_launch(_deepspeed_trainer(ds_config={"bf16": {"enabled": False}}))  # "auto" with --bf16 off: fp32
     check_launch(_deepspeed_trainer(ds_config={"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}))
+    check_launch(_deepspeed_trainer(ds_config={"torch_autocast": {"enabled": True, "dtype": "float16"}}))
     check_launch(_deepspeed_trainer(accumulation=3))  # each micro-batch its own synchronized ascent
     # the family members every rank can run on the full all-ranks gradients
     for config in ({"descent": "gsam"}, {"descent": "wsam", "wsam_decouple": False}, {"direction": "friendly"},
