@@ -11,8 +11,9 @@ Two differences from ``--bf16`` under DDP, both DeepSpeed's:
   does;
 - fp16 autocast scales the loss with a ``torch.amp.GradScaler`` inside DeepSpeed's optimizer: the gradients
   SAM reads carry its scale (the ascent's direction does not depend on it, as under DDP's fp16; the logs and
-  the state kept across steps are unscaled with :func:`deepspeed_loss_scale`), an overflow in an ascent
-  drops that perturbation, and one in the descent makes DeepSpeed's scaler skip the step.
+  the state kept across steps are unscaled with :func:`deepspeed_loss_scale`); an overflow in an ascent
+  drops that perturbation (the engine's guard), and DeepSpeed's scaler sees one in the descent (not tested
+  under DeepSpeed).
 
 ``--bf16`` with a DeepSpeed config whose ``bf16.enabled`` is ``"auto"`` or absent is mapped onto
 ``torch_autocast`` (bf16, fp32 communication): the same numbers as DDP with ``--bf16``.
