@@ -220,3 +220,19 @@ class DeepSpeedPasses:
     def restore(self, engine: MultiStepAscent) -> None:
         with self._gathered(modify=True):
             engine.restore()
+
+
+def deepspeed_passes(trainer: Any, engine: MultiStepAscent) -> DeepSpeedPasses:
+    """The backend of one micro-batch under DeepSpeed; the held descents live on the trainer across its
+    micro-batches."""
+    held = getattr(trainer, "_sam_held_descent", None)
+    if held is None:
+        held = trainer._sam_held_descent = HeldDescent()
+    return DeepSpeedPasses(
+        trainer.accelerator.deepspeed_engine_wrapped.engine,
+        engine.params,
+        zero_stage(trainer),
+        rewrites=trainer.sam_config.descent != "last",
+        held=held,
+        last_micro_batch=trainer.accelerator.sync_gradients,  # the micro-batch the optimizer steps after
+    )

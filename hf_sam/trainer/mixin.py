@@ -28,7 +28,7 @@ from .lookbehind import LookbehindStep, check_lookbehind
 from .micro_batch import RandomState, SAMMicroBatch, frozen_batchnorm_stats, rolled_back
 from .msam import MomentumSAMStep, momentum_key
 from .passes import PlainPasses
-from .precision import FidelityLog
+from .precision import FidelityLog, loss_scale
 from .rho_schedule import LearningRateRho
 from .sam_state import load_sam_state, save_sam_state
 from .step_metrics import SAMStepMetrics
@@ -114,7 +114,6 @@ class SAMMixin:
         )
         self._sam_pending_tensors: dict[str, Any] | None = None  # state read from a checkpoint, not yet bound
         self._sam_fidelity = FidelityLog()  # sam/perturbation_fidelity
-        self._sam_held_descent: Any = None  # DeepSpeed with accumulation: the earlier micro-batches' descents
         if sam_config.ascent_steps >= 1:
             self.add_callback(_EverySAMStepRan(self))
             self.add_callback(_AfterOptimizerStep(self))
@@ -299,18 +298,9 @@ class SAMMixin:
         """Where the passes' gradients are: autograd's p.grad, or DeepSpeed's partitions."""
         if not self.is_deepspeed_enabled:
             return PlainPasses()
-        from .deepspeed import DeepSpeedPasses, HeldDescent, zero_stage
+        from .deepspeed import deepspeed_passes
 
-        if self._sam_held_descent is None:
-            self._sam_held_descent = HeldDescent()
-        return DeepSpeedPasses(
-            self.accelerator.deepspeed_engine_wrapped.engine,
-            engine.params,
-            zero_stage(self),
-            rewrites=self.sam_config.descent != "last",
-            held=self._sam_held_descent,
-            last_micro_batch=self.accelerator.sync_gradients,  # the micro-batch the optimizer steps after
-        )
+        return deepspeed_passes(self, engine)
 
     # --------------------------------------------------------- state across steps
     def _sam_micro_batch_done(self, passes: int) -> None:
@@ -353,17 +343,7 @@ class SAMMixin:
 
     # ------------------------------------------------------------------- logging
     def _loss_scale(self) -> torch.Tensor | None:
-        if self.is_deepspeed_enabled:
-            from .deepspeed_precision import deepspeed_loss_scale
-
-            return deepspeed_loss_scale(self)
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is None or not scaler.is_enabled():
-            return None
-        scale = getattr(scaler, "_scale", None)  # a device tensor: reading it does not sync
-        if scale is None:  # before the first backward the scaler has not made it yet: it will be the initial scale
-            scale = torch.tensor(scaler.get_scale(), dtype=torch.float32, device=self.args.device)
-        return scale
+        return loss_scale(self)
 
     def sam_log_metrics(self) -> dict[str, float]:
         """The sam/* metrics averaged since the last call (and reset)."""

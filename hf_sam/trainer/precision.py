@@ -1,5 +1,6 @@
-"""The compute dtype a SAM step's forward passes run in, and ``sam/perturbation_fidelity``: what the lowered
-kernels see of the perturbation (:mod:`hf_sam.measures.fidelity`), measured at logging steps only."""
+"""The compute dtype a SAM step's forward passes run in, the loss scale its gradients carry, and
+``sam/perturbation_fidelity``: what the lowered kernels see of the perturbation (:mod:`hf_sam.measures.fidelity`),
+measured at logging steps only."""
 
 from __future__ import annotations
 
@@ -44,6 +45,22 @@ class FidelityProbe:
             [weights[j] for j in self.indices], [backup[j] for j in self.indices], self.dtype
         )
         return {"sam/perturbation_fidelity": cosine, "sam/perturbation_fidelity_norm_ratio": ratio}
+
+
+def loss_scale(trainer: Any) -> torch.Tensor | None:
+    """The factor fp16 loss scaling puts on the gradients (accelerate's GradScaler, or DeepSpeed's under
+    ``torch_autocast``), a device tensor read without a sync; None without loss scaling."""
+    if trainer.is_deepspeed_enabled:
+        from .deepspeed_precision import deepspeed_loss_scale
+
+        return deepspeed_loss_scale(trainer)
+    scaler = getattr(trainer.accelerator, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    scale = getattr(scaler, "_scale", None)
+    if scale is None:  # before the first backward the scaler has not made it yet: it will be the initial scale
+        scale = torch.tensor(scaler.get_scale(), dtype=torch.float32, device=trainer.args.device)
+    return scale
 
 
 def logs_next_step(trainer: Any) -> bool:
