@@ -136,11 +136,16 @@ def test_updates_match_the_synchronized_float64_reference(zero_ranks):
             assert logged_d == pytest.approx(sum(n[1] for n in norms) / micro, rel=1e-5)
 
 
-def test_ascent_passes_are_not_optimizer_steps(zero_ranks):
-    stage, ranks = zero_ranks
+def assert_no_pass_became_a_step(ranks: list[dict], label: object) -> None:
+    """DeepSpeed's own step count equals the Trainer's on every rank and run: no SAM pass stepped."""
     for rank in ranks:
         for run in rank["results"]:
-            assert run["engine_steps"] == run["trainer_steps"] == len(run["before"]), stage
+            assert run["engine_steps"] == run["trainer_steps"] == len(run["before"]), label
+
+
+def test_ascent_passes_are_not_optimizer_steps(zero_ranks):
+    stage, ranks = zero_ranks
+    assert_no_pass_became_a_step(ranks, stage)
 
 
 def test_resume_under_deepspeed_is_exact(zero_ranks):

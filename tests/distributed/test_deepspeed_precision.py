@@ -18,7 +18,7 @@ from transformers import set_seed
 from ..helpers import WeightRecorder, sam_trainer
 from ..reference_sam import NAMES, flatten, sam_gradient
 from ..tiny import TinyNet
-from .test_deepspeed import LR, RHO, _launch
+from .test_deepspeed import LR, RHO, _launch, assert_no_pass_became_a_step
 
 pytest.importorskip("deepspeed")
 
@@ -111,9 +111,7 @@ def test_fp16_gradients_carry_deepspeeds_loss_scale_and_the_logs_do_not(autocast
 
 def test_ascent_passes_are_not_optimizer_steps_under_autocast(autocast_ranks):
     case, ranks = autocast_ranks
-    for rank in ranks:
-        for run in rank["results"]:
-            assert run["engine_steps"] == run["trainer_steps"] == len(run["before"]), case
+    assert_no_pass_became_a_step(ranks, case)
 
 
 def test_bf16_flag_is_mapped_onto_torch_autocast(autocast_ranks):
