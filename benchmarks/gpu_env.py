@@ -103,16 +103,22 @@ def counting_syncs():
 
 def launch_workers(script: str, modes: list[str], env: dict[str, str]) -> list[str]:
     """Run ``script --worker MODE`` once per mode under torchrun with one process (the launch a GPU run
-    uses); returns one line per launch that failed, its last line of stderr (printed in full above)."""
+    uses), its output streamed here line by line (a part cut at its time limit still shows how far each
+    launch got); returns one line per launch that failed, its last line of output."""
     import subprocess
 
     errors = []
     for mode in modes:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", script, "--worker", mode]
-        proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
-        if proc.returncode:
-            print(proc.stderr[-3000:])
-            errors.append(f"{mode} run: " + " ".join(proc.stderr.strip().splitlines()[-1:]))
+        proc = subprocess.Popen(
+            cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        last = ""
+        for line in proc.stdout:
+            print(f"[{mode}] {line}", end="", flush=True)
+            last = line.strip() or last
+        if proc.wait():
+            errors.append(f"{mode} run: {last}")
     return errors
 
 

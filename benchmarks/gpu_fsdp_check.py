@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -80,8 +81,10 @@ def worker(out: str, fsdp: bool) -> None:
     extra = {"fsdp": "full_shard", "fsdp_config": {"version": 2}} if fsdp else {}
     for case, sam in CASES.items():
         _reset_accelerate()
+        start = time.perf_counter()
         trainer = sam_trainer(os.path.join(out, case + ("-fsdp" if fsdp else "")), sam, extra)
         trainer.train()
+        print(f"{case}: built and trained in {time.perf_counter() - start:.1f} s", flush=True)
         weights = {}
         for name, p in trainer.model.named_parameters():
             full = p.full_tensor() if hasattr(p, "full_tensor") else p
