@@ -1,7 +1,7 @@
 """SAM under DeepSpeed mixed precision, 2 gloo processes on the CPU: DeepSpeed's ``torch_autocast`` (bf16
-compute over fp32 parameters) under ZeRO-2 and ZeRO-3 equals SAMTrainer with ``--bf16`` in one process on
-the joint batches, within bf16 tolerance, for k in {1, 2}; ``--bf16`` with ``bf16: auto`` is mapped onto it;
-bf16 parameter storage is refused with a message naming ``torch_autocast``.
+compute over fp32 parameters) under ZeRO 0-3 (fp16 on ZeRO-2 and ZeRO-3) equals SAMTrainer with ``--bf16``
+in one process on the joint batches, within bf16 tolerance, for k in {1, 2}; ``--bf16`` with ``bf16: auto``
+is mapped onto it; bf16 parameter storage is refused with a message naming ``torch_autocast``.
 
 Why a tolerance and not bit equality: under autocast each rank's Linear weight gradient leaves a bf16 matmul
 (fp32 accumulation, bf16 output), so two half-batch gradients averaged are not the joint batch's gradient
@@ -30,10 +30,14 @@ CASES = {
     # DeepSpeed's default: Linear/Conv gradients reduced in bf16
     "zero2-bf16-comm": (2, {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}),
     "zero3-bf16-comm": (3, {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}),
+    "zero0-bf16-comm": (0, {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}),
+    "zero1-bf16-comm": (1, {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}),
     # --bf16 with bf16 "auto": SAMTrainer maps it onto torch_autocast with fp32 reduction
     "zero2-mapped-bf16": (2, {"bf16": {"enabled": "auto"}, "_bf16_flag": True}),
     # fp16: DeepSpeed's GradScaler inside the ZeRO optimizer scales every gradient SAM reads
     "zero2-fp16": (2, {"torch_autocast": {"enabled": True, "dtype": "float16"}}),
+    # ZeRO-3 keeps its own GradScaler and partitioned gradients: the scale SAM reads comes from there
+    "zero3-fp16": (3, {"torch_autocast": {"enabled": True, "dtype": "float16"}}),
 }
 
 
