@@ -26,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_env import DRY_RUN, comparison_verdict, device_ready, launch_workers, verdict  # noqa: E402
+from gpu_env import DRY_RUN, comparison_verdict, device_ready, gloo_state_for_deepspeed, launch_workers, verdict  # noqa: E402
 from gpu_fsdp_check import sam_trainer  # noqa: E402 - the same small classifier and rows as the FSDP2 check
 
 PART = "deepspeed"
@@ -80,12 +80,8 @@ def _case(out: str, case: str, deepspeed: str) -> None:
 
 
 def worker(out: str, deepspeed: str) -> None:
-    if DRY_RUN and deepspeed == "deepspeed":  # accelerate picks no process group without CUDA: make a gloo one
-        from accelerate import PartialState
-
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        PartialState(backend="gloo")
-        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    if DRY_RUN and deepspeed == "deepspeed":
+        gloo_state_for_deepspeed()
     for case in CASES:  # the DeepSpeed launch: fp32, --bf16 (torch_autocast), and the bf16 storage refusal
         modes = ("fp32", "autocast", "autocast-zero3", "bf16") if deepspeed == "deepspeed" else ("none", "none-bf16")
         for mode in modes:

@@ -101,6 +101,17 @@ def counting_syncs():
     found.count = sum("synchroniz" in str(w.message) for w in caught)
 
 
+def gloo_state_for_deepspeed() -> None:
+    """accelerate picks no process group for DeepSpeed without CUDA: make a gloo one first (the recipe of
+    ../shared/TRAINER_NOTES.md, "DeepSpeed on a CPU"); the Trainer then needs
+    ``accelerator_config={"use_configured_state": True}``."""
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+    del os.environ["ACCELERATE_USE_DEEPSPEED"]
+
+
 def launch_workers(script: str, modes: list[str], env: dict[str, str]) -> list[str]:
     """Run ``script --worker MODE`` once per mode under torchrun with one process (the launch a GPU run
     uses), its output streamed here line by line (a part cut at its time limit still shows how far each
