@@ -69,11 +69,18 @@ def check_deepspeed(trainer: Any) -> None:
             "optimizer step would move the module's parameters, while ZeRO steps its own fp32 partitions and "
             "writes them back over the parameters. Use --sam_wsam_decouple false (the coupled WSAM)."
         )
+    if config.descent == "xsam" and config.xsam_alpha is None:
+        raise ValueError(
+            "sam_descent='xsam' with the dynamic alpha (sam_xsam_alpha unset) is not supported under DeepSpeed: "
+            "choosing alpha evaluates the loss at weights outside the SAM passes, which ZeRO does not gather for "
+            "it. Set a fixed --sam_xsam_alpha (for example 0.5)."
+        )
     # every rank holds the full all-ranks gradients and weights during a SAM update (DeepSpeedPasses), so the
-    # descents that rewrite g_s, F-SAM's direction and the rho schedule run as in one process
+    # descents that rewrite g_s (XSAM with a fixed alpha too), F-SAM's direction and the rho schedule run as
+    # in one process
     for name, value, allowed in (
         ("sam_method", config.method, ("sam",)),
-        ("sam_descent", config.descent, ("last", "mean", "gsam", "wsam")),
+        ("sam_descent", config.descent, ("last", "mean", "gsam", "wsam", "xsam")),
         ("sam_direction", config.direction, ("gradient", "friendly")),
         ("sam_every_n_steps", config.every_n_steps, (1,)),
         ("sam_rho_schedule", config.rho_schedule, ("constant", "lr")),

@@ -15,9 +15,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+
+from hf_sam import SAMTrainingArguments
 
 from ..reference_sam import NAMES, flatten, sam_gradient
 from .test_distributed import _free_port
@@ -74,6 +77,9 @@ FAMILY_CONFIGS = [
      {"rho_schedule": "linear"}),
 ]  # fmt: skip
 
+# XSAM with a fixed alpha (the dynamic choice is refused under DeepSpeed), against reference_sam.xsam_gradient
+XSAM_CONFIG = {"sam_descent": "xsam", "sam_xsam_alpha": 0.5, "sam_ascent_steps": 2}
+
 # the key cases again on 4 ranks (2 cores: slower, so fewer): ZeRO-2 and ZeRO-3 with accumulation
 FOUR_RANK_CONFIGS = [CONFIGS[5], CONFIGS[6]]
 
@@ -85,7 +91,7 @@ def zero_ranks(request, tmp_path_factory):
         out = tmp_path_factory.mktemp(f"zero{stage}x4")
         return stage, _launch(out, stage, configs=FOUR_RANK_CONFIGS, ranks=4)
     stage = request.param
-    configs = CONFIGS + ([sam for sam, _ in FAMILY_CONFIGS] if stage in (2, 3) else [])
+    configs = CONFIGS + ([sam for sam, _ in FAMILY_CONFIGS] + [XSAM_CONFIG] if stage in (2, 3) else [])
     return stage, _launch(tmp_path_factory.mktemp(f"zero{stage}"), stage, resume=stage in (2, 3), configs=configs)
 
 
@@ -193,3 +199,41 @@ def test_family_under_zero_matches_the_float64_family_reference(zero_ranks):
         for t, (a, b) in enumerate(zip(got, want, strict=True)):
             torch.testing.assert_close(a, b, rtol=0, atol=2e-6, msg=f"zero{stage} {sam} step {t}")
         assert (want[-1] - flatten(start)).abs().max() > 1e-3
+
+
+def test_xsam_with_a_fixed_alpha_under_zero_matches_the_float64_reference(zero_ranks):
+    """XSAM (alpha 0.5, k=2) under ZeRO-2 and ZeRO-3: every step equals ||g_k|| u(alpha) from the paper's
+    formula on both ranks' rows, and differs from SAM's own descent by far more than the tolerance."""
+    from ..reference_sam import xsam_gradient
+
+    stage, ranks = zero_ranks
+    if stage not in (2, 3) or len(ranks) != 2:
+        pytest.skip("XSAM is checked on ZeRO-2 and ZeRO-3, 2 ranks")
+    runs = [rank["results"][len(CONFIGS) + len(FAMILY_CONFIGS)] for rank in ranks]
+    for name in NAMES:
+        assert torch.equal(runs[0]["after"][name], runs[1]["after"][name]), stage
+    before = runs[0]["before"]
+    shapes = {n: tuple(before[0][n].shape) for n in NAMES}
+    for step, (start, end) in enumerate(zip(before, before[1:] + [runs[0]["after"]], strict=True)):
+        x = torch.cat([r["batches"][step]["x"] for r in runs]).double()
+        y = torch.cat([r["batches"][step]["labels"] for r in runs])
+        g, _ = xsam_gradient(flatten(start), shapes, x, y, 2, RHO, XSAM_CONFIG["sam_xsam_alpha"])
+        want = flatten(start) - LR * g
+        torch.testing.assert_close(flatten(end), want, rtol=0, atol=2e-6, msg=f"zero{stage} xsam step {step}")
+        sam = flatten(start) - LR * sam_gradient(flatten(start), shapes, x, y, 2, RHO)
+        assert (sam - want).abs().max() > 1e-4
+
+
+def test_xsam_dynamic_alpha_is_refused_under_deepspeed(tmp_path):
+    from hf_sam.trainer.deepspeed import check_deepspeed
+
+    class Plugin:
+        deepspeed_config = {"zero_optimization": {"stage": 2}}
+
+    class Trainer:  # what check_deepspeed reads of a SAMTrainer
+        args = SAMTrainingArguments(output_dir=str(tmp_path), sam_descent="xsam", sam_sync_ascent=True, report_to=[])
+        sam_config = args.sam_config
+        accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=Plugin()))
+
+    with pytest.raises(ValueError, match="fixed --sam_xsam_alpha"):
+        check_deepspeed(Trainer())
