@@ -75,6 +75,12 @@ def check_deepspeed(trainer: Any) -> None:
             "choosing alpha evaluates the loss at weights outside the SAM passes, which ZeRO does not gather for "
             "it. Set a fixed --sam_xsam_alpha (for example 0.5)."
         )
+    if config.every_n_steps > 1 and config.reuse_alpha > 0:
+        raise ValueError(
+            "sam_reuse_alpha > 0 (LookSAM) is not supported under DeepSpeed yet: its cheap steps add the reused "
+            "term to the accumulated gradient, which ZeRO keeps in its own partitions. --sam_every_n_steps without "
+            "reuse runs (its cheap steps are the stock step)."
+        )
     # every rank holds the full all-ranks gradients and weights during a SAM update (DeepSpeedPasses), so the
     # descents that rewrite g_s (XSAM with a fixed alpha too), F-SAM's direction and the rho schedule run as
     # in one process
@@ -82,7 +88,6 @@ def check_deepspeed(trainer: Any) -> None:
         ("sam_method", config.method, ("sam",)),
         ("sam_descent", config.descent, ("last", "mean", "gsam", "wsam", "xsam")),
         ("sam_direction", config.direction, ("gradient", "friendly")),
-        ("sam_every_n_steps", config.every_n_steps, (1,)),
         ("sam_rho_schedule", config.rho_schedule, ("constant", "lr")),
     ):
         if value not in allowed:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,8 @@ FAMILY_CONFIGS = [
      {"direction": "friendly", "sigma": 0.8, "lam": 0.5, "k": 2}),
     ({"sam_rho_schedule": "lr", "sam_rho_min": 0.05, "lr_scheduler_type": "linear", "gradient_accumulation_steps": 2},
      {"rho_schedule": "linear"}),
+    # SAM at steps 0 and 2, the stock step at 1 (its micro-batches accumulated by DeepSpeed itself)
+    ({"sam_every_n_steps": 2, "sam_ascent_steps": 2, "gradient_accumulation_steps": 2}, {"every_n": 2, "k": 2}),
 ]  # fmt: skip
 
 # XSAM with a fixed alpha (the dynamic choice is refused under DeepSpeed), against reference_sam.xsam_gradient
@@ -224,16 +227,25 @@ def test_xsam_with_a_fixed_alpha_under_zero_matches_the_float64_reference(zero_r
         assert (sam - want).abs().max() > 1e-4
 
 
-def test_xsam_dynamic_alpha_is_refused_under_deepspeed(tmp_path):
+@pytest.mark.parametrize(
+    "sam, message",
+    [
+        ({"sam_descent": "xsam"}, "fixed --sam_xsam_alpha"),  # the dynamic alpha
+        ({"sam_every_n_steps": 2, "sam_reuse_alpha": 0.5}, "LookSAM"),
+        ({"sam_descent": "wsam"}, "sam_wsam_decouple false"),
+    ],
+    ids=["xsam-dynamic", "looksam", "wsam-decoupled"],
+)
+def test_what_zero_cannot_make_exact_is_refused_naming_the_flag(tmp_path, sam, message):
     from hf_sam.trainer.deepspeed import check_deepspeed
 
     class Plugin:
         deepspeed_config = {"zero_optimization": {"stage": 2}}
 
     class Trainer:  # what check_deepspeed reads of a SAMTrainer
-        args = SAMTrainingArguments(output_dir=str(tmp_path), sam_descent="xsam", sam_sync_ascent=True, report_to=[])
+        args = SAMTrainingArguments(output_dir=str(tmp_path), sam_sync_ascent=True, report_to=[], **sam)
         sam_config = args.sam_config
         accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=Plugin()))
 
-    with pytest.raises(ValueError, match="fixed --sam_xsam_alpha"):
+    with pytest.raises(ValueError, match=re.escape(message)):
         check_deepspeed(Trainer())
