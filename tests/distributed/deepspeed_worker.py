@@ -84,6 +84,12 @@ def ds_config(stage):
     }
 
 
+RESUME_CONFIGS = {
+    "sam": {"sam_ascent_steps": 2},
+    "friendly": {"sam_direction": "friendly", "sam_friendly_sigma": 0.8, "sam_friendly_lambda": 0.5},
+}
+
+
 def train(out_dir, stage, sam, steps=STEPS, resume=None, **extra):
     set_seed(0)
     model = TinyNet(dtype=torch.float32)
@@ -155,12 +161,18 @@ def main():
     resume = {}
     if len(sys.argv) > 4 and sys.argv[4] == "resume":
         common = dict(save_strategy="steps", save_steps=2)
-        straight = train(os.path.join(out_dir, "straight"), stage, {"sam_ascent_steps": 2}, steps=4, **common)
-        resumed = train(
-            os.path.join(out_dir, "straight"), stage, {"sam_ascent_steps": 2}, steps=4,
-            resume=os.path.join(out_dir, "straight", "checkpoint-2"), **common,
-        )  # fmt: skip
-        resume = {"straight": straight["after"], "resumed": resumed["after"]}
+        # plain SAM, and F-SAM, whose momentum must come back from the checkpoint for the resumed run to match
+        for label, sam in RESUME_CONFIGS.items():
+            folder = os.path.join(out_dir, f"straight-{label}")
+            straight = train(folder, stage, sam, steps=4, **common)
+            resumed = train(folder, stage, sam, steps=4, resume=os.path.join(folder, "checkpoint-2"), **common)
+            resume[label] = {"straight": straight["after"], "resumed": resumed["after"]}
+            if label == "friendly":  # the same resume without the saved momentum: it must matter
+                dist.barrier()
+                os.remove(os.path.join(folder, "checkpoint-2", f"sam_state_rank{dist.get_rank()}.pt"))
+                dist.barrier()
+                forgetful = train(folder, stage, sam, steps=4, resume=os.path.join(folder, "checkpoint-2"), **common)
+                resume[label]["forgetful"] = forgetful["after"]
     torch.save({"results": results, "resume": resume}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

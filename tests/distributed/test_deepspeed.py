@@ -157,13 +157,26 @@ def test_ascent_passes_are_not_optimizer_steps(zero_ranks):
     assert_no_pass_became_a_step(ranks, stage)
 
 
+def _largest_difference(a: dict, b: dict) -> float:
+    return max(float((a[n] - b[n]).abs().max()) for n in NAMES)
+
+
 def test_resume_under_deepspeed_is_exact(zero_ranks):
     stage, ranks = zero_ranks
     if stage not in (2, 3) or len(ranks) != 2:
         pytest.skip("resume is checked on ZeRO-2 and ZeRO-3, 2 ranks")
     for rank in ranks:
+        assert set(rank["resume"]) == {"sam", "friendly"}
+        runs = rank["resume"]["sam"]
         for name in NAMES:
-            assert torch.equal(rank["resume"]["straight"][name], rank["resume"]["resumed"][name])
+            assert torch.equal(runs["straight"][name], runs["resumed"][name]), (stage, name)
+        # F-SAM (k=1): its momentum comes back from the checkpoint bit for bit, yet the weights after the resume
+        # differ from the straight run's by up to one float32 ulp (measured 1.5e-8 on ZeRO-2; bit-equal at k=2
+        # and in one process); without the saved momentum they differ by far more
+        runs = rank["resume"]["friendly"]
+        resumed, forgetful = (_largest_difference(runs["straight"], runs[key]) for key in ("resumed", "forgetful"))
+        assert resumed <= 1e-7, (stage, resumed)
+        assert forgetful > 1e-4, (stage, forgetful)
 
 
 def test_family_under_zero_matches_the_float64_family_reference(zero_ranks):
