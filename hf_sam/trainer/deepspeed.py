@@ -33,6 +33,7 @@ refused.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -248,3 +249,17 @@ def deepspeed_passes(trainer: Any, engine: MultiStepAscent) -> DeepSpeedPasses:
         held=held,
         last_micro_batch=trainer.accelerator.sync_gradients,  # the micro-batch the optimizer steps after
     )
+
+
+def stock_pass(trainer: Any, stock: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """The stock training step under DeepSpeed (SAM every n steps' cheap steps), with the accumulation
+    boundary accelerate means: SAM's passes force it to True, and older accelerate releases (1.3 among them)
+    let DeepSpeed's own count decide, so a cheap micro-batch would be taken for a boundary and ZeRO-1/2
+    would overwrite the gradient accumulated so far."""
+
+    def run() -> torch.Tensor:
+        engine = trainer.accelerator.deepspeed_engine_wrapped.engine
+        engine.set_gradient_accumulation_boundary(trainer.accelerator.sync_gradients)
+        return stock()
+
+    return run

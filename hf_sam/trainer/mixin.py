@@ -214,6 +214,10 @@ class SAMMixin:
             return super().training_step(model, inputs, num_items_in_batch)
         rho = self._sam_current_rho()
         stock = lambda: super(SAMMixin, self).training_step(model, inputs, num_items_in_batch)  # noqa: E731
+        if self.is_deepspeed_enabled:
+            from .deepspeed import stock_pass
+
+            stock = stock_pass(self, stock)
         if self._lookbehind is not None:  # another method, its own step (hf_sam.trainer.lookbehind)
             self._sam_micro_batch_done(self.sam_config.ascent_steps + 1)
             self._lookbehind.rho = rho
