@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-
-from hf_sam import SAMTrainingArguments
 
 from ..reference_sam import NAMES, flatten, sam_gradient
 from .test_distributed import _free_port
@@ -238,27 +234,3 @@ def test_xsam_with_a_fixed_alpha_under_zero_matches_the_float64_reference(zero_r
         torch.testing.assert_close(flatten(end), want, rtol=0, atol=2e-6, msg=f"zero{stage} xsam step {step}")
         sam = flatten(start) - LR * sam_gradient(flatten(start), shapes, x, y, 2, RHO)
         assert (sam - want).abs().max() > 1e-4
-
-
-@pytest.mark.parametrize(
-    "sam, message",
-    [
-        ({"sam_descent": "xsam"}, "fixed --sam_xsam_alpha"),  # the dynamic alpha
-        ({"sam_every_n_steps": 2, "sam_reuse_alpha": 0.5}, "LookSAM"),
-        ({"sam_descent": "wsam"}, "sam_wsam_decouple false"),
-    ],
-    ids=["xsam-dynamic", "looksam", "wsam-decoupled"],
-)
-def test_what_zero_cannot_make_exact_is_refused_naming_the_flag(tmp_path, sam, message):
-    from hf_sam.trainer.deepspeed import check_deepspeed
-
-    class Plugin:
-        deepspeed_config = {"zero_optimization": {"stage": 2}}
-
-    class Trainer:  # what check_deepspeed reads of a SAMTrainer
-        args = SAMTrainingArguments(output_dir=str(tmp_path), sam_sync_ascent=True, report_to=[], **sam)
-        sam_config = args.sam_config
-        accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=Plugin()))
-
-    with pytest.raises(ValueError, match=re.escape(message)):
-        check_deepspeed(Trainer())

@@ -159,9 +159,9 @@ def _deepspeed_trainer(ds_config=None, accumulation=1, bf16=False, fp16=False, u
             "fp16 parameter storage",
         ),
         ({"ds_config": {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}}, "offload_param"),
-        ({"descent": "xsam"}, "sam_descent='xsam'"),
+        ({"descent": "xsam"}, "fixed --sam_xsam_alpha"),  # the dynamic alpha: losses at weights ZeRO never gathers
         ({"descent": "wsam"}, "sam_wsam_decouple false"),  # decoupled: moves the module's weights after ZeRO's step
-        ({"every_n_steps": 2}, "sam_every_n_steps=2"),
+        ({"every_n_steps": 2, "reuse_alpha": 0.5}, "LookSAM"),  # the reuse writes into ZeRO's gradient partitions
         ({"method": "lookbehind", "sync_ascent": True}, "sam_method='lookbehind'"),
     ],
 )
@@ -190,7 +190,7 @@ def test_deepspeed_set_ups_sam_makes_exact_are_accepted():
     check_launch(_deepspeed_trainer(accumulation=3))  # each micro-batch its own synchronized ascent
     # the family members every rank can run on the full all-ranks gradients
     for config in ({"descent": "gsam"}, {"descent": "wsam", "wsam_decouple": False}, {"direction": "friendly"},
-                   {"rho_schedule": "lr"}):  # fmt: skip
+                   {"rho_schedule": "lr"}, {"descent": "xsam", "xsam_alpha": 0.5}, {"every_n_steps": 2}):  # fmt: skip
         check_launch(_deepspeed_trainer(**config))
 
 
