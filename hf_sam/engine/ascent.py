@@ -23,9 +23,8 @@ Where the perturbed point lives is :mod:`hf_sam.engine.moved_weights`'s choice: 
 buffer the parameters point at during the passes (w itself is never written, so there is no restore
 copy), or, where a parameter's storage must not change, in the parameters after a snapshot.
 
-FSDP2 (``fully_shard``) parameters are DTensor shards: the engine works on their local tensors
-and takes every norm over all shards (:mod:`hf_sam.engine.tensors`), so the perturbation is the one a
-single process holding the whole model would take from the same (synchronized) gradient.
+FSDP2 shards (DTensors) and ZeRO's partitions: the engine works on each rank's part and sums every norm
+over all ranks (:mod:`hf_sam.engine.tensors`), the perturbation one process holding the whole would take.
 """
 
 from __future__ import annotations
@@ -77,6 +76,7 @@ class MultiStepAscent:
         perturbed_weights: "swap" (the passes run on a second buffer the parameters point at),
             "copy" (on the parameters, after a snapshot) or "auto" (swap unless unsafe: FSDP2
             shards, parameters sharing storage); see :mod:`hf_sam.engine.moved_weights`.
+        partition_group: the params are each rank's part of the whole over this group (ZeRO's partitions).
 
     After each training step :attr:`record` (an :class:`~hf_sam.engine.ascent_record.AscentRecord` of
     device tensors) and ``perturbation_norm`` (||d_k||, a 0-d tensor, in the rule's norm) describe
@@ -104,6 +104,7 @@ class MultiStepAscent:
         friendly_sigma: float = 1.0,
         friendly_lambda: float = 0.9,
         perturbed_weights: str = "auto",
+        partition_group=None,
     ) -> None:
         if ascent_rule not in RULES:
             raise ValueError(f"ascent_rule={ascent_rule!r} is invalid: allowed values are {', '.join(RULES)}.")
@@ -119,7 +120,7 @@ class MultiStepAscent:
         self.params = [p for p in given if p.requires_grad]
         if not self.params:
             raise ValueError("MultiStepAscent got no trainable parameters.")
-        self._layout = ShardLayout(self.params)
+        self._layout = ShardLayout(self.params, partition_group)
         self.ascent_steps = int(ascent_steps)
         self.rho = float(rho)
         self.ascent_rule = ascent_rule

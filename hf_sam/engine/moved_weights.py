@@ -59,7 +59,7 @@ def choose_mode(mode: str, params: Sequence[Tensor], layout: ShardLayout) -> str
         raise ValueError(f"perturbed_weights={mode!r} is invalid: allowed values are {', '.join(MODES)}.")
     unsafe = None
     if layout.sharded:
-        unsafe = "FSDP2 shards are views into FSDP's own buffers"
+        unsafe = "FSDP2 shards and ZeRO partitions are views into their engine's own buffers"
     elif shares_storage(params):
         unsafe = "two parameters share a storage (a tie the swap would break during the passes)"
     if mode == "swap" and unsafe:

@@ -31,9 +31,17 @@ def local(t: Tensor) -> Tensor:
 
 
 class ShardLayout:
-    """Which of a fixed list of parameters are sharded, and over which process group."""
+    """Which of a fixed list of parameters are sharded, and over which process group.
 
-    def __init__(self, params: Sequence[Tensor]) -> None:
+    ``partition_group``: the tensors are plain tensors, each rank's disjoint part of the whole (DeepSpeed
+    ZeRO's partitions, an empty tensor where a rank owns nothing of a parameter): all count as shards over
+    that group.
+    """
+
+    def __init__(self, params: Sequence[Tensor], partition_group=None) -> None:
+        if partition_group is not None:
+            self.sharded, self.group, self._is_shard = True, partition_group, [True] * len(params)
+            return
         shards = [p for p in params if is_shard(p)]
         self.sharded = bool(shards)
         self.group = None

@@ -7,24 +7,27 @@ partitions, so each SAM pass is driven here instead (checked on DeepSpeed 0.19.8
 - every pass runs ``engine.backward(loss)`` at a gradient-accumulation boundary (so that the engine
   reduces the gradient over all ranks now; ZeRO-2 keeps non-boundary gradients in a private buffer)
   and never ``engine.step()``, except after the descent;
-- the ascent gradient is read with ``deepspeed.utils.safe_get_full_grad`` on every rank (the full,
-  all-ranks gradient: the ascent is synchronized) and the engine's buffers are cleared with
-  ``engine.optimizer.zero_grad()``;
-- the SAM engine perturbs the parameters the forward uses (under ZeRO-3 inside
-  ``deepspeed.zero.GatheredParameters``, which writes the change back to every rank's partition); the
-  fp32 master weights of ZeRO-1/2/3 are never written;
-- after the descent backward the weights are restored bit for bit, a descent other than SAM's own
-  writes its gradient back with ``safe_set_full_grad``, and only then does ``engine.step()`` run;
+- the SAM engine works on this rank's parts only (:mod:`hf_sam.trainer.zero_partitions`): the ascent
+  gradient is the rank's partition of the all-ranks gradient the boundary backward reduced (the ascent is
+  synchronized), the norms are summed over the ranks, the engine's buffers are cleared with
+  ``engine.optimizer.zero_grad()`` so that no ascent gradient reaches the step, and after each move the
+  forward's parameters are refreshed as ZeRO refreshes them after its own step;
+- after the descent backward the weights are restored bit for bit, a descent other than SAM's own (or
+  accumulation) writes the rank's part of its gradient back into the partition, and only then does
+  ``engine.step()`` run;
 - with gradient accumulation, each micro-batch gets its own perturbation from its all-ranks gradient (every
   pass is reduced at once, as with one micro-batch); the descent gradients of the micro-batches before the
   step's last wait in :class:`HeldDescent` (the engine's buffers are cleared for the next ascent), and the
   last one's descent adds them before writing the sum back and stepping. The loss comes divided by the
   accumulation steps from the Trainer (``scale_wrt_gas=False``, as the Trainer's own backward passes).
 
-What this gathers, per rank and per pass: the full gradient (``safe_get_full_grad``; under ZeRO-1/2
-one all-reduce of each parameter's size), and under ZeRO-3 the full parameters for the SAM update;
-SAM's snapshot is one full fp32 copy of the trainable weights on every rank, and under accumulation the
-held descent sum one full fp32 gradient.
+What SAM holds per rank: its snapshot of w, the gradients it reads and, under accumulation, the held
+descent sum, each the size of the rank's partition (ZeRO-0: of the whole model, which every rank holds).
+What each micro-batch costs in communication: k + 1 backward reductions at a boundary (DeepSpeed's own,
+one per pass), one scalar all-reduce per ascent step (the norm), and under ZeRO-1/2 k + 1 all-gathers of
+the weights (after k - 1 ascent steps, before the descent and at the restore: as many as k + 1 optimizer
+steps); under ZeRO-3 each pass gathers the parameters for its forward and backward anyway, and a refresh
+re-gathers only the persistent ones.
 
 Mixed precision is DeepSpeed's ``torch_autocast`` (``deepspeed_precision.py``); 16-bit parameter storage is
 refused.
@@ -32,7 +35,6 @@ refused.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +43,7 @@ import torch
 from ..engine.ascent import MultiStepAscent
 from .deepspeed_precision import check_precision, map_bf16_onto_autocast
 from .passes import Backward
+from .zero_partitions import ReplicatedParts, ZeroParts, zero_parts
 
 
 def zero_stage(trainer: Any) -> int:
@@ -82,9 +85,9 @@ def check_deepspeed(trainer: Any) -> None:
             "term to the accumulated gradient, which ZeRO keeps in its own partitions. --sam_every_n_steps without "
             "reuse runs (its cheap steps are the stock step)."
         )
-    # every rank holds the full all-ranks gradients and weights during a SAM update (DeepSpeedPasses), so the
-    # descents that rewrite g_s (XSAM with a fixed alpha too), F-SAM's direction and the rho schedule run as
-    # in one process
+    # the engine works on each rank's part of the all-ranks gradients and weights and sums every norm and dot
+    # product over the ranks, so the descents that rewrite g_s (XSAM with a fixed alpha too), F-SAM's
+    # direction (its momentum partition-sized) and the rho schedule run as in one process
     for name, value, allowed in (
         ("sam_method", config.method, ("sam",)),
         ("sam_descent", config.descent, ("last", "mean", "gsam", "wsam", "xsam")),
@@ -98,21 +101,9 @@ def check_deepspeed(trainer: Any) -> None:
             )
 
 
-def _padded(param: torch.nn.Parameter, full: torch.Tensor) -> torch.Tensor:
-    """A ZeRO-3 gradient flattened and zero-padded to whole partitions: DeepSpeed 0.19.8's
-    ``set_fp32_grad_for_param`` takes the last rank's partition with its padding from the value it is
-    given, so an unpadded value is too short on that rank."""
-    import torch.distributed as dist
-
-    size = param.ds_tensor.numel() * dist.get_world_size(group=param.ds_process_group)
-    flat = torch.zeros(size, dtype=full.dtype, device=full.device)
-    flat[: full.numel()] = full.reshape(-1)
-    return flat
-
-
 class HeldDescent:
-    """The descent gradients of a step's micro-batches before its last, summed (full tensors), while the
-    engine's buffers serve the next micro-batch's ascent. Lives on the trainer across micro-batches."""
+    """The descent gradients of a step's micro-batches before its last, summed (this rank's parts), while
+    the engine's buffers serve the next micro-batch's ascent. Lives on the trainer across micro-batches."""
 
     def __init__(self) -> None:
         self.grads: list[torch.Tensor | None] | None = None
@@ -131,66 +122,64 @@ class HeldDescent:
         return grads
 
 
+def _added(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else (a if b is None else a + b)
+
+
 class DeepSpeedPasses:
-    """The passes of one SAM micro-batch on a DeepSpeed engine (see the module)."""
+    """The passes of one SAM micro-batch on a DeepSpeed engine (see the module); the SAM engine works on
+    this rank's parts (:mod:`hf_sam.trainer.zero_partitions`)."""
 
     def __init__(
         self,
         ds_engine: Any,
-        params: list[torch.nn.Parameter],
-        stage: int,
+        parts: ZeroParts,
         rewrites: bool,
         held: HeldDescent | None = None,
         last_micro_batch: bool = True,
     ) -> None:
         self.ds_engine = ds_engine
-        self.params = params
-        self.stage = stage
+        self.parts = parts
         self.rewrites = rewrites  # the descent changes g_s (mean): write the final gradient back
         self.held_descent = held if held is not None else HeldDescent()
         self.last_micro_batch = last_micro_batch  # the step's last: add the held descents and step
         self._grads: list[torch.Tensor | None] = []
         self._held: list[torch.Tensor | None] = []
-
-    def _gathered(self, modify: bool) -> contextlib.AbstractContextManager:
-        """ZeRO-3: the full parameters inside (written back to every partition when ``modify``)."""
-        if self.stage != 3:
-            return contextlib.nullcontext()
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(self.params, modifier_rank=0 if modify else None)
+        self._ascents = 0
+        self._restored = False
 
     def _backward_at_boundary(self, loss: torch.Tensor) -> list[torch.Tensor | None]:
-        """The engine's backward, reduced over all ranks now, without a step; the full gradients."""
-        from deepspeed.utils import safe_get_full_grad
-
+        """The engine's backward, reduced over all ranks now, without a step; this rank's gradient parts."""
         self.ds_engine.set_gradient_accumulation_boundary(True)
         self.ds_engine.backward(loss, scale_wrt_gas=False)  # the Trainer divided by the accumulation steps
-        grads = [safe_get_full_grad(p) for p in self.params]  # collective: every rank calls it
-        return [None if g is None else g.detach().clone() for g in grads]
+        return self.parts.read_grads()
+
+    def _set_grads(self, grads: list[torch.Tensor | None]) -> None:
+        for part, g in zip(self.parts.tensors, grads, strict=True):
+            part.grad = g
 
     def begin(self, engine: MultiStepAscent) -> None:
-        with self._gathered(modify=False):
-            engine.begin()
+        self.parts.check()
+        engine.begin()
 
     def ascent_backward(self, loss: torch.Tensor, backward: Backward) -> None:
         self._grads = self._backward_at_boundary(loss)
         self.ds_engine.optimizer.zero_grad()  # the ascent gradient must not reach the step
 
     def ascend(self, engine: MultiStepAscent) -> None:
-        with self._gathered(modify=True):
-            for p, g in zip(self.params, self._grads, strict=True):
-                p.grad = g
-            engine.ascend()
+        self._set_grads(self._grads)
+        engine.ascend()
         self._grads = []
+        self._ascents += 1
+        if self._ascents < engine.ascent_steps:  # after the last, begin_descent refreshes (it may move to w)
+            self.parts.refresh()
 
     def begin_descent(self, engine: MultiStepAscent) -> float | torch.Tensor:
-        with self._gathered(modify=True):
-            factor = engine.begin_descent()
-            # what the descent folded into p.grad (mean's sum) waits aside: the engine's backward fills its own buffers
-            self._held = [p.grad for p in self.params]
-            for p in self.params:
-                p.grad = None
+        factor = engine.begin_descent()
+        self.parts.refresh()
+        # what the descent folded into the grads (mean's sum) waits aside: the engine's backward fills its own
+        self._held = [part.grad for part in self.parts.tensors]
+        self._set_grads([None] * len(self._held))
         return factor
 
     def descent_backward(self, loss: torch.Tensor, backward: Backward) -> None:
@@ -199,40 +188,37 @@ class DeepSpeedPasses:
     def end_descent(self, engine: MultiStepAscent) -> None:
         """The descent gradient as autograd would have added it, the descent's last word, the weights back
         at w, the final gradient in the engine's partitions, then the optimizer step."""
-        from deepspeed.utils import safe_set_full_grad
-
-        with self._gathered(modify=True):
-            for p, held, g in zip(self.params, self._held, self._grads, strict=True):
-                p.grad = g if held is None else (held if g is None else held + g)
-            engine.end_descent()
-            final = [p.grad for p in self.params]
-            engine.restore()  # before the step: ZeRO-0 steps the parameters themselves
-            for p in self.params:
-                p.grad = None
+        self._set_grads([_added(held, g) for held, g in zip(self._held, self._grads, strict=True)])
+        engine.end_descent()
+        final = [part.grad for part in self.parts.tensors]
+        self.restore(engine)  # before the step: ZeRO-0 steps the parameters themselves
+        self._set_grads([None] * len(final))
+        self._grads, self._held = [], []
         if not self.last_micro_batch:  # its descent waits; the buffers serve the next micro-batch's ascent
             self.held_descent.add(final)
             self.ds_engine.optimizer.zero_grad()
-            self._grads, self._held = [], []
             return
         earlier = self.held_descent.take()
         if earlier is not None:
-            final = [e if g is None else (g if e is None else g + e) for g, e in zip(final, earlier, strict=True)]
-        if self.rewrites or self.stage == 0 or earlier is not None:
-            for p, g in zip(self.params, final, strict=True):
-                if g is None:
-                    continue
-                if self.stage == 0:
-                    p.grad = g  # ZeRO-0 keeps the (all-reduced) gradient in p.grad
-                elif self.stage == 3:
-                    safe_set_full_grad(p, _padded(p, g))
-                else:
-                    safe_set_full_grad(p, g)
-        self._grads, self._held = [], []
+            final = [_added(g, e) for g, e in zip(final, earlier, strict=True)]
+        if self.rewrites or isinstance(self.parts, ReplicatedParts) or earlier is not None:
+            self.parts.write_grads(final)
         self.ds_engine.step()
 
     def restore(self, engine: MultiStepAscent) -> None:
-        with self._gathered(modify=True):
+        """The weights back at w, on every rank (once per micro-batch: also called from a ``finally``)."""
+        if not self._restored:
+            self._restored = True
             engine.restore()
+            self.parts.refresh()
+
+
+def sam_engine_tensors(trainer: Any, model: Any) -> tuple[list[torch.nn.Parameter], dict]:
+    """What the SAM engine is built on under DeepSpeed: this rank's parts of the trainable parameters,
+    and the engine's ``partition_group``. The parts live on the trainer for the passes."""
+    engine = trainer.accelerator.deepspeed_engine_wrapped.engine
+    trainer._sam_zero_parts = parts = zero_parts(engine, list(model.parameters()), zero_stage(trainer))
+    return parts.tensors, {"partition_group": parts.group}
 
 
 def deepspeed_passes(trainer: Any, engine: MultiStepAscent) -> DeepSpeedPasses:
@@ -243,8 +229,7 @@ def deepspeed_passes(trainer: Any, engine: MultiStepAscent) -> DeepSpeedPasses:
         held = trainer._sam_held_descent = HeldDescent()
     return DeepSpeedPasses(
         trainer.accelerator.deepspeed_engine_wrapped.engine,
-        engine.params,
-        zero_stage(trainer),
+        trainer._sam_zero_parts,
         rewrites=trainer.sam_config.descent != "last",
         held=held,
         last_micro_batch=trainer.accelerator.sync_gradients,  # the micro-batch the optimizer steps after

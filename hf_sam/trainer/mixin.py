@@ -158,7 +158,12 @@ class SAMMixin:
         if self._sam_engine is None or self._sam_bound_to is not model:
             check_trainable_dtypes(model)
             kwargs = {**self.sam_config.engine_kwargs(), "perturbed_weights": perturbed_weights_mode(self)}
-            self._sam_engine = MultiStepAscent(model.parameters(), **kwargs)
+            params, placement = list(model.parameters()), {}
+            if self.is_deepspeed_enabled:  # this rank's parts of ZeRO's partitions (hf_sam.trainer.zero_partitions)
+                from .deepspeed import sam_engine_tensors
+
+                params, placement = sam_engine_tensors(self, model)
+            self._sam_engine = MultiStepAscent(params, **kwargs, **placement)
             memory = self._sam_every_n.memory if self._sam_every_n is not None else None
             if memory is not None:  # LookSAM: SAM's descent that also remembers g_v
                 self._sam_engine.descent_rule = memory

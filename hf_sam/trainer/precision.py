@@ -77,7 +77,7 @@ def logs_next_step(trainer: Any) -> bool:
 class FidelityLog:
     """Hands the SAM step a :class:`FidelityProbe` when ``sam/perturbation_fidelity`` is to be measured: with
     diagnostics, under autocast, on the steps that will be logged (its kernels run over every lowered weight);
-    not under ZeRO-3, whose weights are partitions at that point."""
+    not under ZeRO 1-3, where SAM holds only its rank's partition of the weights."""
 
     def __init__(self) -> None:
         self._probe: tuple[MultiStepAscent, FidelityProbe] | None = None
@@ -88,7 +88,7 @@ class FidelityLog:
         if trainer.is_deepspeed_enabled:
             from .deepspeed import zero_stage
 
-            if zero_stage(trainer) == 3:
+            if zero_stage(trainer) > 0:  # the engine holds this rank's partition only
                 return None
         dtype = autocast_dtype(trainer)
         if dtype is None:
