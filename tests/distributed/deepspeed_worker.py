@@ -90,9 +90,9 @@ RESUME_CONFIGS = {
 }
 
 
-def train(out_dir, stage, sam, steps=STEPS, resume=None, **extra):
+def train(out_dir, stage, sam, steps=STEPS, resume=None, d_in=5, hidden=7, inspect=None, **extra):
     set_seed(0)
-    model = TinyNet(dtype=torch.float32)
+    model = TinyNet(d_in=d_in, hidden=hidden, dtype=torch.float32)
     dtypes = record_compute_dtypes(model)
     recorder = Recorder(stage)
     trainer_options = {k: v for k, v in sam.items() if not k.startswith("sam_")}  # e.g. the accumulation
@@ -108,9 +108,8 @@ def train(out_dir, stage, sam, steps=STEPS, resume=None, **extra):
         **sam,
     )
     rows = 3 * dist.get_world_size() * steps * args.gradient_accumulation_steps  # 3 per rank and micro-batch
-    trainer = SeeingTrainer(
-        model=model, args=args, train_dataset=make_data(rows, seed=4, dtype=torch.float32), callbacks=[recorder]
-    )
+    data = make_data(rows, d_in=d_in, seed=4, dtype=torch.float32)
+    trainer = SeeingTrainer(model=model, args=args, train_dataset=data, callbacks=[recorder])
     trainer.seen = []
     # the precision sections DeepSpeed gets, after SAMTrainer's checks (and its --bf16 mapping)
     ds_precision = {
@@ -130,6 +129,7 @@ def train(out_dir, stage, sam, steps=STEPS, resume=None, **extra):
         "compute_dtypes": sorted(set(dtypes)),
         "ds_precision": ds_precision,
         "loss_scale": None if trainer._loss_scale() is None else float(trainer._loss_scale()),
+        **(inspect(trainer) if inspect else {}),
     }
     # accelerate takes a DeepSpeed plugin only in the first Accelerator of a process: forget it (the gloo
     # process group of the PartialState stays) so that the next configuration builds its own
@@ -137,6 +137,43 @@ def train(out_dir, stage, sam, steps=STEPS, resume=None, **extra):
 
     AcceleratorState._reset_state()
     return result
+
+
+# SAM's passes under ZeRO, tracked op by op (the stock loop's backward and step paused): a wider model so
+# that a full-size copy of a parameter is clearly bigger than any rank's part of it
+MEMORY_CONFIG = {"sam_ascent_steps": 2, "sam_descent": "mean", "sam_adaptive": True, "gradient_accumulation_steps": 2}
+PASS_METHODS = ("begin", "ascent_backward", "ascend", "begin_descent", "descent_backward", "end_descent", "restore")
+
+
+def measure_allocations(out_dir, stage):
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from hf_sam.trainer.deepspeed import DeepSpeedPasses
+    from tests.allocations import Allocations, pause_methods, track_methods
+
+    tracker = Allocations()
+    saved = {(cls, n): cls.__dict__[n] for cls, names in ((DeepSpeedPasses, PASS_METHODS),
+             (DeepSpeedEngine, ("backward", "step"))) for n in names}  # fmt: skip
+    track_methods(DeepSpeedPasses, PASS_METHODS, tracker)
+    pause_methods(DeepSpeedEngine, ("backward", "step"), tracker)
+
+    def sizes(trainer):
+        params = [p for p in trainer.model_wrapped.parameters() if p.requires_grad]
+        parts = trainer._sam_zero_parts.tensors
+        slots = [p.ds_tensor.numel() for p in params] if stage == 3 else [t.numel() for t in parts]
+        return {
+            "largest_part": max(t.numel() for t in parts),
+            "largest_slot": max(slots),
+            "largest_param": max(getattr(p, "ds_numel", p.numel()) for p in params),
+        }
+
+    try:
+        result = train(out_dir, stage, MEMORY_CONFIG, d_in=16, hidden=32, inspect=sizes)
+    finally:
+        for (cls, name), method in saved.items():
+            setattr(cls, name, method)
+    return {"largest_allocation": tracker.largest, **{k: result[k] for k in ("largest_part", "largest_slot",
+            "largest_param", "engine_steps")}}  # fmt: skip
 
 
 def main():
@@ -158,8 +195,10 @@ def main():
         dist.barrier()
         os._exit(0)
     results = [train(os.path.join(out_dir, f"run{i}"), stage, sam) for i, sam in enumerate(configs)]
+    flags = sys.argv[4:]
+    memory = measure_allocations(os.path.join(out_dir, "memory"), stage) if "memory" in flags else None
     resume = {}
-    if len(sys.argv) > 4 and sys.argv[4] == "resume":
+    if "resume" in flags:
         common = dict(save_strategy="steps", save_steps=2)
         # plain SAM, and F-SAM, whose momentum must come back from the checkpoint for the resumed run to match
         for label, sam in RESUME_CONFIGS.items():
@@ -173,7 +212,7 @@ def main():
                 dist.barrier()
                 forgetful = train(folder, stage, sam, steps=4, resume=os.path.join(folder, "checkpoint-2"), **common)
                 resume[label]["forgetful"] = forgetful["after"]
-    torch.save({"results": results, "resume": resume}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save({"results": results, "resume": resume, "memory": memory}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()

@@ -14,6 +14,7 @@ from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from hf_sam import MultiStepAscent, SAMConfig  # noqa: E402
+from tests.allocations import Allocations, track_methods  # noqa: E402
 from tests.tiny import TinyNet, batch_of, make_data  # noqa: E402
 
 RULES = ("normalized", "projected", "accumulated")
@@ -139,6 +140,8 @@ def run_accumulation(name, mesh, rank):
     start = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     engine = MultiStepAscent(model.parameters(), **SAMConfig(rho=0.3, **sam).engine_kwargs())
+    tracker = Allocations()  # what the engine's own calls allocate (the passes' forward and backward are FSDP's)
+    track_methods(engine, ("begin", "ascend", "begin_descent", "end_descent", "restore"), tracker)
     world = dist.get_world_size()
     rows = make_data(3 * world * micro * ACCUMULATION_STEPS, seed=17)
     for t in range(ACCUMULATION_STEPS):
@@ -170,6 +173,9 @@ def run_accumulation(name, mesh, rank):
         "sam_elements": sum(b.numel() for b in engine._moved.buffers),
         "shard_elements": sum(p.to_local().numel() for p in model.parameters()),
         "model_elements": sum(p.numel() for p in model.parameters()),
+        "largest_allocation": tracker.largest,
+        "largest_shard": max(p.to_local().numel() for p in model.parameters()),
+        "largest_param": max(p.numel() for p in model.parameters()),
     }
 
 

@@ -223,6 +223,9 @@ def test_fsdp_gradient_accumulation_matches_the_synchronized_float64_reference(r
         torch.testing.assert_close(flatten(r["end"]), w, rtol=0, atol=1e-12)
         # SAM's snapshot is this rank's shard, never a full copy of the weights
         assert r["sam_elements"] == r["shard_elements"] < r["model_elements"]
+        # and no operator in the engine's calls creates a tensor bigger than this rank's largest shard (a full-size
+        # copy of the largest parameter would be); the snapshot of that shard is seen (the tracker is not blind)
+        assert r["largest_allocation"] == r["largest_shard"] < r["largest_param"], r
     assert sum(r["sam_elements"] for r in results) == results[0]["model_elements"]
     # the comparison is not vacuous: the two steps move the weights
     assert (w - flatten(start)).abs().max() > 1e-3
