@@ -73,6 +73,7 @@ def precision_options():
 
 
 def ds_config(stage):
+    switches = precision_options()[1]
     return {
         **precision_options()[0],
         "train_micro_batch_size_per_gpu": "auto",
@@ -80,7 +81,11 @@ def ds_config(stage):
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
         "zero_allow_untested_optimizer": True,
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        # no persistent parameters unless asked for (DeepSpeed's default keeps small ones whole on every rank)
+        "zero_optimization": {
+            "stage": stage,
+            **({} if switches.get("_persistent") else {"stage3_param_persistence_threshold": 0}),
+        },
     }
 
 
@@ -129,6 +134,7 @@ def train(out_dir, stage, sam, steps=STEPS, resume=None, d_in=5, hidden=7, inspe
         "compute_dtypes": sorted(set(dtypes)),
         "ds_precision": ds_precision,
         "loss_scale": None if trainer._loss_scale() is None else float(trainer._loss_scale()),
+        "persistent": sum(bool(getattr(p, "ds_persist", False)) for p in trainer.model_wrapped.parameters()),
         **(inspect(trainer) if inspect else {}),
     }
     # accelerate takes a DeepSpeed plugin only in the first Accelerator of a process: forget it (the gloo

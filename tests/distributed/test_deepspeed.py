@@ -105,7 +105,21 @@ def _reference(config: dict):
 
 def test_updates_match_the_synchronized_float64_reference(zero_ranks):
     stage, ranks = zero_ranks
-    configs = CONFIGS if len(ranks) == 2 else FOUR_RANK_CONFIGS
+    assert_updates_match(stage, ranks, CONFIGS if len(ranks) == 2 else FOUR_RANK_CONFIGS)
+
+
+def test_zero3_with_persistent_parameters_matches_the_reference(tmp_path):
+    """DeepSpeed's default stage3_param_persistence_threshold keeps small parameters whole on every rank (all
+    of TinyNet's): after each move SAM re-gathers them from the partitions, as ZeRO-3's step does."""
+    configs = [CONFIGS[1], CONFIGS[5]]
+    ranks = _launch(tmp_path, 3, configs=configs, precision={"_persistent": True})
+    assert all(run["persistent"] == len(NAMES) for rank in ranks for run in rank["results"])
+    assert_updates_match(3, ranks, configs)
+    assert_no_pass_became_a_step(ranks, "zero3 persistent")
+
+
+def assert_updates_match(stage: int, ranks: list[dict], configs: list[dict]) -> None:
+    """Every run's steps equal the float64 synchronized-SAM reference on the joint micro-batches."""
     for index, config in enumerate(configs):  # (the family configurations after these: their own test)
         runs = [rank["results"][index] for rank in ranks]
         # ranks that trained on different parts of every step's batch
