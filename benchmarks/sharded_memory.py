@@ -9,7 +9,9 @@ with SAM (k=1, synchronized ascent). A rank measures its own resident memory ove
 (VmHWM) is reset once the engine is prepared (``/proc/self/clear_refs``), so the model built whole on every
 rank before ZeRO partitions it does not hide what SAM adds later. SAM's extra = (SAM run's training peak -
 its resident memory at the reset) - the same for the stock run, the largest over ranks; it is printed against
-the model's fp32 size and against one rank's share of it (size / ranks). glibc's mmap threshold is pinned
+the model's fp32 size and against one rank's share of it (size / ranks). For ZeRO-2, "gather MiB" is what one
+of ZeRO-2's own refreshes of the weights (``update_lp_params``: an all-gather) peaks above the memory before
+it, after the stock run: the backend's staging, which SAM's refreshes meet while its state is alive. glibc's mmap threshold is pinned
 (``MALLOC_MMAP_THRESHOLD_``) so freed tensors go back to the system instead of staying in the heap.
 FSDP2 is not here: accelerate enables it only on accelerators (tests/distributed/test_fsdp.py asserts
 that SAM's snapshot is each rank's shard on a CPU mesh).
@@ -100,10 +102,18 @@ def worker(out: str, engine: str, k: int, hidden: int) -> None:
         sam_sync_ascent=True, **extra,
     )  # fmt: skip
     peak = TrainingPeak()
-    SAMTrainer(model=model, args=args, train_dataset=data, callbacks=[peak]).train()
+    trainer = SAMTrainer(model=model, args=args, train_dataset=data, callbacks=[peak])
+    trainer.train()
+    gather_kib = None
+    if engine == "zero2":  # what one of ZeRO-2's own refreshes (fp32 master -> all-gathered weights) stages
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        before = _rss_kib("VmRSS")
+        trainer.accelerator.deepspeed_engine_wrapped.engine.optimizer.update_lp_params()
+        gather_kib = _rss_kib("VmHWM") - before
     rank = int(os.environ["RANK"])
     with open(os.path.join(out, f"{engine}-{k}-rank{rank}.json"), "w") as f:
-        json.dump({"start_kib": peak.start, "peak_kib": peak.peak, "model_bytes": size}, f)
+        json.dump({"start_kib": peak.start, "peak_kib": peak.peak, "model_bytes": size, "gather_kib": gather_kib}, f)
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -142,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="Write the rows here.")
     args = parser.parse_args(argv)
     rows = []
-    header = ("engine", "ranks", "model MiB", "share MiB", "SAM extra MiB", "x model", "x share")
-    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (7, 5, 10, 10, 14, 8, 8), strict=True)))
+    header = ("engine", "ranks", "model MiB", "share MiB", "SAM extra MiB", "x model", "x share", "gather MiB")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (7, 5, 10, 10, 14, 8, 8, 11), strict=True)))
     for ranks in args.ranks:
         for engine in args.engines:
             with tempfile.TemporaryDirectory(prefix="sam_memory_") as out:
@@ -155,13 +165,16 @@ def main(argv: list[str] | None = None) -> int:
                 "engine": engine, "ranks": ranks, "model_mib": round(model, 1), "share_mib": round(model / ranks, 1),
                 "sam_extra_mib": round(extra, 1), "x_model": round(extra / model, 2),
                 "x_share": round(extra / (model / ranks), 2),
+                # ZeRO-2: the transient of one all-gather of the weights (ZeRO's refresh) on this backend
+                "gather_mib": None if stock[0]["gather_kib"] is None else round(
+                    max(r["gather_kib"] for r in stock) / 1024, 1),
                 "stock_growth_mib": [round(v, 1) for v in growth(stock)],
                 "sam_growth_mib": [round(v, 1) for v in growth(sam)],
             }  # fmt: skip
             rows.append(row)
             print(
                 f"{engine:7} {ranks:>5} {model:>10.1f} {model / ranks:>10.1f} {extra:>14.1f} "
-                f"{row['x_model']:>8.2f} {row['x_share']:>8.2f}",
+                f"{row['x_model']:>8.2f} {row['x_share']:>8.2f} {row['gather_mib'] or '-':>11}",
                 flush=True,
             )
     if args.json:

@@ -57,6 +57,11 @@ class FriendlyDirection(GradientDirection):
     def begin(self, weights: list[Tensor]) -> None:
         self._weights = weights
         if self._saved is not None:
+            if [tuple(s.shape) for s in self._saved] != [tuple(w.shape) for w in weights]:
+                raise ValueError(
+                    "F-SAM's saved momentum does not fit these parameters: resume with the same model and, under "
+                    "ZeRO or FSDP2 (where it is each process's own part), the same number of processes."
+                )
             self.momentum = [s.to(device=w.device, dtype=w.dtype) for s, w in zip(self._saved, weights, strict=True)]
             self._saved = None
 

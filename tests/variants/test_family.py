@@ -148,3 +148,21 @@ def test_the_variants_really_differ():
     names = list(ends)
     for a, b in itertools.combinations(names, 2):
         assert (ends[a] - ends[b]).abs().max() > 1e-5, f"{a} and {b} end at the same weights"
+
+
+def test_friendly_momentum_that_does_not_fit_is_refused():
+    """A resume whose saved F-SAM momentum has other shapes than the parameters (another model, or under ZeRO or
+    FSDP2 another number of processes, each holding its own part) stops with the reason, instead of adding a
+    momentum of the wrong layout."""
+    from hf_sam import MultiStepAscent
+
+    model = TinyNet()
+    engine = MultiStepAscent(model.parameters(), direction="friendly")
+    engine.load_state_dict({"direction": {"momentum": [torch.zeros(3) for _ in model.parameters()]}})
+    x, y = batch_of(make_data(4))
+    loss = lambda: torch.nn.functional.cross_entropy(model(x)["logits"], y)  # noqa: E731
+    with pytest.raises(ValueError, match="same number of processes"):
+        engine.step(loss)
+    fitting = MultiStepAscent(model.parameters(), direction="friendly")
+    fitting.load_state_dict({"direction": {"momentum": [torch.zeros_like(p) for p in model.parameters()]}})
+    fitting.step(loss)  # the same shapes are taken
