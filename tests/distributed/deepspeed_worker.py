@@ -98,6 +98,10 @@ RESUME_CONFIGS = {
 def train(out_dir, stage, sam, steps=STEPS, resume=None, d_in=5, hidden=7, inspect=None, **extra):
     set_seed(0)
     model = TinyNet(d_in=d_in, hidden=hidden, dtype=torch.float32)
+    sam = dict(sam)
+    poison = sam.pop("_poison", None)  # {forward call (1-based): loss factor}, on rank 0 only
+    if poison and dist.get_rank() == 0:
+        model.poison = {int(call): float(factor) for call, factor in poison.items()}
     dtypes = record_compute_dtypes(model)
     recorder = Recorder(stage)
     trainer_options = {k: v for k, v in sam.items() if not k.startswith("sam_")}  # e.g. the accumulation
@@ -130,6 +134,7 @@ def train(out_dir, stage, sam, steps=STEPS, resume=None, d_in=5, hidden=7, inspe
         "batches": trainer.seen,
         "norms": recorder.norms,
         "engine_steps": int(engine.global_steps),
+        "skipped_steps": int(engine.skipped_steps),  # DeepSpeed's own count of overflow-skipped steps
         "trainer_steps": int(trainer.state.global_step),
         "compute_dtypes": sorted(set(dtypes)),
         "ds_precision": ds_precision,

@@ -11,6 +11,8 @@ gradient leaking into the update).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import set_seed
@@ -41,10 +43,17 @@ CASES = {
 }
 
 
+# fp16 overflows, after the configurations above: rank 0's loss times inf at its first forward (the clean pass of
+# step 0: an ascent gradient) or at its second (the descent of step 0); k = 1
+OVERFLOW_CONFIGS = {"ascent": {"sam_ascent_steps": 1, "_poison": {"1": math.inf}},
+                    "descent": {"sam_ascent_steps": 1, "_poison": {"2": math.inf}}}  # fmt: skip
+
+
 @pytest.fixture(scope="module", params=list(CASES), ids=str)
 def autocast_ranks(request, tmp_path_factory):
     stage, precision = CASES[request.param]
-    ranks = _launch(tmp_path_factory.mktemp(request.param), stage, configs=AUTOCAST_CONFIGS, precision=precision)
+    configs = AUTOCAST_CONFIGS + (list(OVERFLOW_CONFIGS.values()) if request.param.endswith("fp16") else [])
+    ranks = _launch(tmp_path_factory.mktemp(request.param), stage, configs=configs, precision=precision)
     return request.param, ranks
 
 
@@ -135,3 +144,35 @@ def test_bf16_parameter_storage_is_refused_naming_torch_autocast(tmp_path):
     )
     message = ranks[0]["refusal"]
     assert "bf16 parameter storage" in message and '"torch_autocast": {"enabled": true' in message, message
+
+
+def test_fp16_overflow_in_an_ascent_drops_it_and_in_a_descent_skips_the_step(autocast_ranks):
+    """An inf in one rank's ascent gradient makes the all-ranks norm inf on every rank: both drop the
+    perturbation and descend at w, so step 0 is the plain gradient step of the joint batch (as under DDP). An
+    inf in a descent gradient reaches DeepSpeed's step, which skips it: the weights stay where they were.
+    Both ranks agree bit for bit and stay finite; steps 1 and 2 are SAM again."""
+    case, ranks = autocast_ranks
+    if not case.endswith("fp16"):
+        pytest.skip("the fp16 cases")
+    clean_scale = ranks[0]["results"][0]["loss_scale"]
+    for offset, where in enumerate(OVERFLOW_CONFIGS):
+        runs = [rank["results"][len(AUTOCAST_CONFIGS) + offset] for rank in ranks]
+        for name in NAMES:
+            assert torch.equal(runs[0]["after"][name], runs[1]["after"][name]), (case, where)
+        assert all(torch.isfinite(w).all() for w in runs[0]["after"].values()), (case, where)
+        start, after_first = runs[0]["before"][0], runs[0]["before"][1]
+        shapes = {n: tuple(start[n].shape) for n in NAMES}
+        x = torch.cat([r["batches"][0]["x"] for r in runs]).double()
+        y = torch.cat([r["batches"][0]["labels"] for r in runs])
+        plain = flatten(start) - LR * sam_gradient(flatten(start), shapes, x, y, 0, RHO)
+        sam = flatten(start) - LR * sam_gradient(flatten(start), shapes, x, y, 1, RHO)
+        got = flatten(after_first)
+        if where == "ascent":
+            assert _distance(got, plain) < BF16_TOLERANCE / 10, (case, _distance(got, plain))
+            assert _distance(got, sam) > BF16_TOLERANCE, (case, _distance(got, sam))  # not a SAM step
+            assert runs[0]["skipped_steps"] == 0 and runs[0]["loss_scale"] == clean_scale  # no step was skipped
+        else:
+            assert torch.equal(got, flatten(start)), case  # the step was skipped
+            # DeepSpeed counted it; its loss scaler lowers the scale only after `hysteresis` (2) overflows in a row
+            assert runs[0]["skipped_steps"] == 1 and runs[0]["loss_scale"] <= clean_scale, case
+            assert (flatten(runs[0]["after"]) - got).abs().max() > 1e-4  # steps 1 and 2 moved the weights again
