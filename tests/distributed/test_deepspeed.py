@@ -46,6 +46,7 @@ def _launch(
     configs: list[dict] = CONFIGS,
     precision: dict | None = None,
     ranks: int = 2,
+    worker: str = "deepspeed_worker.py",
 ) -> list[dict]:
     """``precision``: DeepSpeed config sections for every run (keys with "_" are the worker's switches)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -53,7 +54,7 @@ def _launch(
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
         "--master_port", str(_free_port()),
-        str(ROOT / "tests" / "distributed" / "deepspeed_worker.py"), str(out), str(stage), json.dumps(configs),
+        str(ROOT / "tests" / "distributed" / worker), str(out), str(stage), json.dumps(configs),
         *(["resume", "memory"] if resume else []),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=out)
@@ -266,3 +267,46 @@ def test_xsam_with_a_fixed_alpha_under_zero_matches_the_float64_reference(zero_r
         torch.testing.assert_close(flatten(end), want, rtol=0, atol=2e-6, msg=f"zero{stage} xsam step {step}")
         sam = flatten(start) - LR * sam_gradient(flatten(start), shapes, x, y, 2, RHO)
         assert (sam - want).abs().max() > 1e-4
+
+
+def _relative(a: dict, b: dict) -> float:
+    """Relative L2 distance between two sets of named weights."""
+    x, y = (torch.cat([w[n].double().reshape(-1) for n in sorted(a)]) for w in (a, b))
+    return float((x - y).norm() / y.norm())
+
+
+def test_trl_sft_under_zero3_with_accumulation_equals_one_process(tmp_path):
+    """TRL's SFTTrainer with SAM (k = 2) under ZeRO-3 with accumulation 2 on 2 ranks, the fine-tuning set-up of a
+    large model in miniature (a tiny GPT-2 with tied embeddings, the bundled instructions), equals SAMSFTTrainer
+    in one process on the joint micro-batches (whose update test_trl checks against float64): fp32 to float32
+    rounding, TRL's default bf16 (mapped onto torch_autocast) to bf16 rounding. SFT without SAM lies far outside."""
+    pytest.importorskip("trl")
+    from hf_sam import SAMSFTConfig, SAMSFTTrainer
+    from hf_sam.tasks.instructions import word_tokenizer
+
+    from ..tiny_lm import gpt2
+    from .sft_setup import SFT_ARGS, sft_data
+
+    ranks = _launch(tmp_path, 3, configs=[], worker="deepspeed_sft_worker.py")
+
+    def one_process(precision: str, **sam) -> dict:
+        args = SAMSFTConfig(
+            output_dir=str(tmp_path / f"one-{precision}-{len(sam)}"), bf16=precision == "bf16",
+            per_device_train_batch_size=SFT_ARGS["micro_batch"], **{**SFT_ARGS["common"], **sam},
+        )  # fmt: skip
+        model = gpt2(dtype=torch.float32)
+        SAMSFTTrainer(model=model, args=args, train_dataset=sft_data(), processing_class=word_tokenizer()).train()
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    for precision, tolerance in (("fp32", 1e-5), ("bf16", 1e-3)):
+        runs = [rank[precision] for rank in ranks]
+        assert all(run["engine_steps"] == run["trainer_steps"] == 3 for run in runs), precision
+        assert not torch.equal(runs[0]["seen"][0], runs[1]["seen"][0])  # the ranks trained on different rows
+        for name in runs[0]["after"]:
+            assert torch.equal(runs[0]["after"][name], runs[1]["after"][name]), (precision, name)
+        want = one_process(precision)
+        assert set(runs[0]["after"]) == set(want)
+        distance = _relative(runs[0]["after"], want)
+        assert distance < tolerance, (precision, distance)
+        no_sam = one_process(precision, sam_ascent_steps=0)
+        assert _relative(no_sam, want) > 10 * tolerance, (precision, _relative(no_sam, want))
