@@ -298,7 +298,8 @@ def test_trl_sft_under_zero3_with_accumulation_equals_one_process(tmp_path):
         SAMSFTTrainer(model=model, args=args, train_dataset=sft_data(), processing_class=word_tokenizer()).train()
         return {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    for precision, tolerance in (("fp32", 1e-5), ("bf16", 1e-3)):
+    # bf16: measured 6.2e-4 on torch 2.13 and 1.1e-3 on torch 2.6 (the floor), SFT without SAM 5.7e-2
+    for precision, tolerance in (("fp32", 1e-5), ("bf16", 3e-3)):
         runs = [rank[precision] for rank in ranks]
         assert all(run["engine_steps"] == run["trainer_steps"] == 3 for run in runs), precision
         assert not torch.equal(runs[0]["seen"][0], runs[1]["seen"][0])  # the ranks trained on different rows
@@ -309,4 +310,4 @@ def test_trl_sft_under_zero3_with_accumulation_equals_one_process(tmp_path):
         distance = _relative(runs[0]["after"], want)
         assert distance < tolerance, (precision, distance)
         no_sam = one_process(precision, sam_ascent_steps=0)
-        assert _relative(no_sam, want) > 10 * tolerance, (precision, _relative(no_sam, want))
+        assert _relative(no_sam, want) > 15 * tolerance, (precision, _relative(no_sam, want))
