@@ -44,9 +44,22 @@ def _launch(tmp_path, k, grad_accum, sync, descent="last"):
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """One launch per configuration, shared by the tests of this module (each launch costs ~10 s)."""
+    runs = {}
+
+    def run(k, grad_accum, sync):
+        if (k, grad_accum, sync) not in runs:
+            runs[k, grad_accum, sync] = _launch(tmp_path_factory.mktemp("ddp"), k, grad_accum, sync)
+        return runs[k, grad_accum, sync]
+
+    return run
+
+
 @pytest.mark.parametrize("k,grad_accum,sync", [(2, 1, False), (2, 2, False), (2, 1, True), (3, 2, True)])
-def test_ddp_update_matches_float64_reference(tmp_path, k, grad_accum, sync):
-    ranks = _launch(tmp_path, k, grad_accum, sync)
+def test_ddp_update_matches_float64_reference(ddp_runs, k, grad_accum, sync):
+    ranks = ddp_runs(k, grad_accum, sync)
     before = ranks[0]["before"]
     assert all(torch.equal(before[n], r["before"][n]) for r in ranks for n in NAMES)
     shapes = {n: tuple(before[n].shape) for n in NAMES}
@@ -68,11 +81,8 @@ def test_ddp_update_matches_float64_reference(tmp_path, k, grad_accum, sync):
     assert all(torch.equal(ranks[0]["after"][n], ranks[1]["after"][n]) for n in NAMES)
 
 
-def test_sync_and_per_device_differ(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    a = _launch(tmp_path / "a", 2, 1, False)
-    b = _launch(tmp_path / "b", 2, 1, True)
+def test_sync_and_per_device_differ(ddp_runs):
+    a, b = ddp_runs(2, 1, False), ddp_runs(2, 1, True)
     assert (flatten(a[0]["after"]) - flatten(b[0]["after"])).abs().max() > 1e-6
 
 
