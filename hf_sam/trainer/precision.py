@@ -32,9 +32,13 @@ def autocast_dtype(trainer: Any) -> torch.dtype | None:
 class FidelityProbe:
     """Measures the fidelity at the perturbed point of a step, over the lowered parameters the engine moves."""
 
-    def __init__(self, model: nn.Module, engine: MultiStepAscent, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: nn.Module, engine: MultiStepAscent, dtype: torch.dtype, owners: list[nn.Parameter] | None = None
+    ) -> None:
+        """``owners``: the model parameter each engine tensor belongs to (under ZeRO, the rank's parts' own)."""
         lowered = {id(p) for p in lowered_parameters(model)}
-        self.indices = [j for j, p in enumerate(engine.params) if id(p) in lowered]
+        owners = engine.params if owners is None else owners
+        self.indices = [j for j, p in enumerate(owners) if id(p) in lowered]
         self.dtype = dtype
 
     def __call__(self, engine: MultiStepAscent) -> dict[str, torch.Tensor]:
@@ -77,7 +81,7 @@ def logs_next_step(trainer: Any) -> bool:
 class FidelityLog:
     """Hands the SAM step a :class:`FidelityProbe` when ``sam/perturbation_fidelity`` is to be measured: with
     diagnostics, under autocast, on the steps that will be logged (its kernels run over every lowered weight);
-    not under ZeRO 1-3, where SAM holds only its rank's partition of the weights."""
+    under ZeRO and FSDP2 over the rank's own partition or shards."""
 
     def __init__(self) -> None:
         self._probe: tuple[MultiStepAscent, FidelityProbe] | None = None
@@ -85,14 +89,11 @@ class FidelityLog:
     def probe(self, trainer: Any, model: nn.Module, engine: MultiStepAscent) -> FidelityProbe | None:
         if not trainer.sam_config.diagnostics or not logs_next_step(trainer):
             return None
-        if trainer.is_deepspeed_enabled:
-            from .deepspeed import zero_stage
-
-            if zero_stage(trainer) > 0:  # the engine holds this rank's partition only
-                return None
         dtype = autocast_dtype(trainer)
         if dtype is None:
             return None
         if self._probe is None or self._probe[0] is not engine:
-            self._probe = (engine, FidelityProbe(model, engine, dtype))
+            # under ZeRO the engine holds this rank's parts: measured over them, as over FSDP2's own shards
+            parts = getattr(trainer, "_sam_zero_parts", None) if trainer.is_deepspeed_enabled else None
+            self._probe = (engine, FidelityProbe(model, engine, dtype, None if parts is None else parts.params))
         return self._probe[1]

@@ -40,6 +40,7 @@ class Recorder(TrainerCallback):
         self.stage = stage
         self.before = []
         self.norms = []
+        self.fidelity = []
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self.before.append(full_weights(model, self.stage))
@@ -47,6 +48,8 @@ class Recorder(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "sam/grad_norm" in logs:
             self.norms.append((logs["sam/grad_norm"], logs["sam/perturbation_norm"]))
+        if logs and "sam/perturbation_fidelity" in logs:
+            self.fidelity.append(logs["sam/perturbation_fidelity"])
 
 
 def record_compute_dtypes(model):
@@ -133,6 +136,7 @@ def train(out_dir, stage, sam, steps=STEPS, resume=None, d_in=5, hidden=7, inspe
         "after": full_weights(trainer.model_wrapped, stage),
         "batches": trainer.seen,
         "norms": recorder.norms,
+        "fidelity": recorder.fidelity,  # sam/perturbation_fidelity (with diagnostics under autocast)
         "engine_steps": int(engine.global_steps),
         "skipped_steps": int(engine.skipped_steps),  # DeepSpeed's own count of overflow-skipped steps
         "trainer_steps": int(trainer.state.global_step),

@@ -24,7 +24,8 @@ from .test_deepspeed import LR, RHO, _launch, assert_no_pass_became_a_step
 
 pytest.importorskip("deepspeed")
 
-AUTOCAST_CONFIGS = [{"sam_ascent_steps": 1}, {"sam_ascent_steps": 2, "sam_adaptive": True}]
+# the second with diagnostics: sam/perturbation_fidelity over each rank's own partition
+AUTOCAST_CONFIGS = [{"sam_ascent_steps": 1}, {"sam_ascent_steps": 2, "sam_adaptive": True, "sam_diagnostics": True}]
 # relative L2 distance of the weights after 3 steps. Measured (torch 2.13, CPU): 1.6e-4 to 2.5e-4 from one-process
 # --bf16, 2.1e-4 to 2.8e-4 from fp32 (one-process bf16 is 2.2e-4 to 2.8e-4 from fp32); no SAM: 6e-3 to 3e-2
 BF16_TOLERANCE = 1e-3
@@ -176,3 +177,16 @@ def test_fp16_overflow_in_an_ascent_drops_it_and_in_a_descent_skips_the_step(aut
             # DeepSpeed counted it; its loss scaler lowers the scale only after `hysteresis` (2) overflows in a row
             assert runs[0]["skipped_steps"] == 1 and runs[0]["loss_scale"] <= clean_scale, case
             assert (flatten(runs[0]["after"]) - got).abs().max() > 1e-4  # steps 1 and 2 moved the weights again
+
+
+def test_perturbation_fidelity_is_logged_over_each_ranks_partition(autocast_ranks):
+    """With diagnostics under autocast, sam/perturbation_fidelity (what the lowered kernels see of the
+    perturbation, a cosine) is logged at every logging step under every ZeRO stage, measured over the rank's own
+    partition: a finite cosine in (0, 1], below 1 in bf16 (the lowered kernels cannot see all of it)."""
+    case, ranks = autocast_ranks
+    run = ranks[0]["results"][1]
+    assert len(run["fidelity"]) == len(run["before"]), case
+    assert all(0.0 < value <= 1.0 + 1e-9 for value in run["fidelity"]), (case, run["fidelity"])
+    if "bf16" in case:
+        assert min(run["fidelity"]) < 0.9999, (case, run["fidelity"])
+    assert ranks[0]["results"][0]["fidelity"] == []  # not without diagnostics
