@@ -104,7 +104,7 @@ class MultiStepAscent:
         friendly_sigma: float = 1.0,
         friendly_lambda: float = 0.9,
         perturbed_weights: str = "auto",
-        partition_group=None,
+        partition_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         if ascent_rule not in RULES:
             raise ValueError(f"ascent_rule={ascent_rule!r} is invalid: allowed values are {', '.join(RULES)}.")

@@ -38,7 +38,7 @@ class ShardLayout:
     that group.
     """
 
-    def __init__(self, params: Sequence[Tensor], partition_group=None) -> None:
+    def __init__(self, params: Sequence[Tensor], partition_group: dist.ProcessGroup | None = None) -> None:
         if partition_group is not None:
             self.sharded, self.group, self._is_shard = True, partition_group, [True] * len(params)
             return
