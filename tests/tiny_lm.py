@@ -42,11 +42,11 @@ def t5(dtype=torch.float64, seed: int = 0) -> T5ForConditionalGeneration:
     return T5ForConditionalGeneration(config).to(dtype)
 
 
-def bert_classifier(dtype=torch.float64, seed: int = 0) -> BertForSequenceClassification:
+def bert_classifier(dtype=torch.float64, seed: int = 0, dropout: float = 0.0) -> BertForSequenceClassification:
     set_seed(seed)
     config = BertConfig(
         vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2, max_position_embeddings=32,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, num_labels=2, max_position_embeddings=32,
     )  # fmt: skip
     return BertForSequenceClassification(config).to(dtype)
 

@@ -2,8 +2,8 @@
 
 Nothing here imports transformers, accelerate or the rest of hf_sam, so the engine runs in a plain
 PyTorch loop. :class:`MultiStepAscent` is the step protocol; :mod:`.rules` the ascent rules (step
-size, projection); :mod:`.descents` the descents, one small object each; :mod:`.tensors` and
-:mod:`.gradient_norm` the norms over shards; :mod:`.guarded` the updates decided on the device;
+size, projection); :mod:`.descents` the descents, one small object each; :mod:`.tensors` the norms
+over shards; :mod:`.guarded` the updates decided on the device;
 :class:`LookbehindSAM` Lookbehind-SAM for a plain loop. See docs/architecture.md.
 """
 

@@ -39,7 +39,6 @@ from .ascent_record import AscentRecord
 from .descents import DESCENTS, LastDescent, make_descent
 from .direction_cosines import DirectionTracker
 from .directions import DIRECTIONS, make_direction
-from .gradient_norm import GradientNorm
 from .guarded import reset_where_, uniform
 from .moved_weights import MovedWeights, choose_mode
 from .plain_loop import run_step, scaled_loss
@@ -150,10 +149,8 @@ class MultiStepAscent:
         self._scale: list[Tensor] | None = None  # ASAM's T, for this step only
         self._directions: DirectionTracker | None = None  # with track_directions only
         self._in_step = False
-        self._norm = GradientNorm(self._weights, self._weights[0].device)
         self._uniform = uniform(self._weights)  # the weights' layouts do not change (FSDP2 views alike)
         self._step_size_t = torch.tensor(self.step_size, dtype=torch.float64, device=self._weights[0].device)
-        self._steps_done = 0
         self._reset_step_state()
 
     def _reset_step_state(self) -> None:
@@ -246,7 +243,10 @@ class MultiStepAscent:
         if self.adaptive:
             scale = [self._scale[j] for j in idx]
             torch._foreach_mul_(grads, scale)  # u = T g
-        norm = self._norm(grads, self._layout, self._layout.flags(idx))
+        # float64 squares: exact for any finite gradient, and the same arithmetic at every step (no mode to
+        # resume); about 0.5% of a pass (benchmarks/norm_precision.py)
+        norm = global_norm(grads, self._layout, self._layout.flags(idx), dtype=torch.float64)
+        norm = norm.to(self._weights[0].device)  # (a rank owning no shard sums on the CPU)
         moving = self.record.observe(norm)
         self.descent_rule.ascent_gradient(i, idx, grads, self.record)
         if self.adaptive:
@@ -333,16 +333,6 @@ class MultiStepAscent:
         self._scale = None
         self._directions = None
         self._in_step = False
-        self._steps_done += 1
-        if self._steps_done == 1 and self.steps_taken:
-            self.review_norm_precision()  # once, after the first step: its one host read
-
-    def review_norm_precision(self) -> bool:
-        """Read back (one host read) whether every gradient norm since the last review was in the range
-        where float32 norms are exact (:mod:`hf_sam.engine.gradient_norm`), and take the norms in float32 from
-        now on if so, in float64 if not. The engine does it once after its first step; the Trainer at
-        every logging step; a plain loop may call it now and then. Returns whether norms are float64."""
-        return self._norm.review()
 
     def step(
         self,

@@ -364,8 +364,6 @@ class SAMMixin:
             if self._msam is not None and self._msam.perturbation is not None:
                 out["sam/perturbation_norm"] = float(self._msam.perturbation.perturbation_norm)
             return out
-        if self._sam_engine is not None:  # the logs are read back here anyway: review the norms' precision too
-            self._sam_engine.review_norm_precision()
         return self._sam_metrics.read(self.state.global_step, self.accelerator)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
