@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 from ..config import ASCENT_RULES, DESCENT_RULES, DIRECTIONS, GRANULARITIES, METHODS, RHO_SCHEDULES, SAMConfig
+from .checks import in_backward_refusal, steps_in_backward
 
 
 @dataclass
@@ -169,7 +170,10 @@ class SAMArgumentsMixin:
 
     def __post_init__(self) -> None:
         # Validate the SAM knobs first: they are cheap and the error should come before anything else.
-        self.sam_config  # noqa: B018 - raises ValueError naming the sam_* field
+        config = self.sam_config  # raises ValueError naming the sam_* field
+        optim = getattr(self, "optim", None)
+        if config.ascent_steps >= 1 and steps_in_backward(optim):  # before the optimizer's package is asked for
+            raise ValueError(in_backward_refusal(f"optim={getattr(optim, 'value', optim)!r}"))
         parent = super()
         if hasattr(parent, "__post_init__"):
             parent.__post_init__()

@@ -154,3 +154,60 @@ def check_fsdp(trainer) -> None:
             "backward without gradient sync, so every ascent gradient is the all-ranks gradient (one "
             "perturbation for all ranks, as --sam_sync_ascent gives under DDP)."
         )
+
+
+def steps_in_backward(optim: object) -> bool:
+    """Whether a TrainingArguments ``optim`` value names an optimizer that steps inside backward (LOMO, AdaLomo,
+    and the layer-wise GaLore and APOLLO variants: a hook updates each parameter as its gradient arrives)."""
+    name = str(getattr(optim, "value", optim))
+    return name in ("lomo", "adalomo") or name.endswith("_layerwise")
+
+
+def in_backward_refusal(what: str) -> str:
+    """Why SAM cannot train with an optimizer that steps inside backward; ``what`` names it (the ``optim`` value)."""
+    return (
+        f"{what} steps the optimizer inside backward (a gradient hook updates each "
+        "parameter as its gradient arrives), so SAM's ascent passes would move the weights with gradients taken "
+        "at perturbed points, and the descent gradient would never reach one optimizer step. SAM needs the k + 1 "
+        "passes of a micro-batch to run before optimizer.step(): use an optimizer that steps there (adamw_torch, "
+        "adafactor, galore_adamw without _layerwise, ...), or set sam_ascent_steps=0."
+    )
+
+
+def _holds_optimizer(hook: object) -> bool:
+    """A gradient hook that is an optimizer's method, or that closes over an optimizer (or a dict or list of
+    them, as the layer-wise pattern keeps one per parameter)."""
+    if isinstance(getattr(hook, "__self__", None), torch.optim.Optimizer):
+        return True
+    hook = getattr(hook, "func", hook)  # functools.partial
+    for cell in getattr(hook, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        values = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else [value]
+        if any(isinstance(v, torch.optim.Optimizer) for v in values):
+            return True
+    return False
+
+
+def check_optimizer_steps_outside_backward(optimizer: object, model: nn.Module) -> None:
+    """Refuse, before the first pass, an optimizer that steps inside backward: by its type (transformers'
+    layer-wise stand-in, LOMO's), or by the kind of gradient hook it left on a trainable parameter (one that
+    is an optimizer's method or holds optimizers: a user's own optimizer-in-backward)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    kind = type(inner)
+    if kind.__name__ == "LayerWiseDummyOptimizer" or kind.__module__.split(".")[0] == "lomo_optim":
+        raise ValueError(in_backward_refusal(f"The optimizer {kind.__module__}.{kind.__name__}"))
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        hooks = [*(getattr(p, "_post_accumulate_grad_hooks", None) or {}).values()]
+        hooks += [*(getattr(p, "_backward_hooks", None) or {}).values()]
+        for hook in hooks:
+            if _holds_optimizer(hook):
+                raise ValueError(
+                    in_backward_refusal(
+                        f"The gradient hook {getattr(hook, '__qualname__', hook)!r} on the trainable parameter {name}"
+                    )
+                )

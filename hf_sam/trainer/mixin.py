@@ -21,11 +21,19 @@ from ..engine.ascent import MultiStepAscent, scaled_loss
 from ..engine.descents.xsam import alpha_grid
 from . import compat
 from .args import SAMArgumentsMixin
-from .checks import check_launch, check_trainable_dtypes, perturbed_weights_mode
+from .checks import (
+    check_launch,
+    check_optimizer_steps_outside_backward,
+    check_trainable_dtypes,
+    in_backward_refusal,
+    perturbed_weights_mode,
+    steps_in_backward,
+)
 from .every_n import EveryNSteps
 from .launch import GradientSync
 from .lookbehind import LookbehindStep, check_lookbehind
 from .micro_batch import RandomState, SAMMicroBatch, frozen_batchnorm_stats, rolled_back
+from .model_card import add_sam_to_card
 from .msam import MomentumSAMStep, momentum_key
 from .passes import PlainPasses
 from .precision import FidelityLog, loss_scale
@@ -114,7 +122,12 @@ class SAMMixin:
         )
         self._sam_pending_tensors: dict[str, Any] | None = None  # state read from a checkpoint, not yet bound
         self._sam_fidelity = FidelityLog()  # sam/perturbation_fidelity
+        self._sam_optimizer_checked = False  # once per train(), before its first pass
+        self._sam_flops_factor = 1.0  # the last micro-batch's passes, in forward+backward passes
         if sam_config.ascent_steps >= 1:
+            optim = getattr(self.args, "optim", None)
+            if steps_in_backward(optim):  # (sam_config given beside plain TrainingArguments)
+                raise ValueError(in_backward_refusal(f"optim={getattr(optim, 'value', optim)!r}"))
             self.add_callback(_EverySAMStepRan(self))
             self.add_callback(_AfterOptimizerStep(self))
             check_launch(self)
@@ -144,6 +157,7 @@ class SAMMixin:
             self._sam_unbind()
 
     def _sam_unbind(self) -> None:
+        self._sam_optimizer_checked = False
         self._sam_engine = None
         self._sam_bound_to = None
         self._sam_batchnorms = []
@@ -217,6 +231,9 @@ class SAMMixin:
         """
         if self.sam_config.ascent_steps == 0:
             return super().training_step(model, inputs, num_items_in_batch)
+        if not self._sam_optimizer_checked:  # before any pass: an in-backward step would move the weights first
+            check_optimizer_steps_outside_backward(self.optimizer, model)
+            self._sam_optimizer_checked = True
         rho = self._sam_current_rho()
         stock = lambda: super(SAMMixin, self).training_step(model, inputs, num_items_in_batch)  # noqa: E731
         if self.is_deepspeed_enabled:
@@ -268,7 +285,7 @@ class SAMMixin:
                 f"{type(self).__name__}.training_step made no accelerator.backward() call, so SAM could not run: "
                 "a training_step override must call super().training_step() or self.accelerator.backward()."
             )
-        self._sam_micro_batch_done(self.sam_config.ascent_steps + 1)
+        self._sam_micro_batch_done(self.sam_config.ascent_steps + 1, len(micro.alphas or ()))
         if every_n is not None:
             every_n.after_full_micro_batch(engine.layout)
         if choose:
@@ -284,6 +301,17 @@ class SAMMixin:
             micro.measured,
         )
         return loss
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> float:
+        """The stock count of one forward+backward pass (called right after each micro-batch's
+        ``training_step``), times the passes SAM made in that micro-batch: ``total_flos`` counts SAM's compute."""
+        return super().floating_point_ops(inputs) * self._sam_flops_factor
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """The base class's card, with SAM's method, papers and settings in its hyperparameters."""
+        super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():
+            add_sam_to_card(os.path.join(self.args.output_dir, "README.md"), self.sam_config)
 
     # ---------------------------------------------------------------------- XSAM
     def _sam_epoch_index(self) -> int:
@@ -312,8 +340,11 @@ class SAMMixin:
         return deepspeed_passes(self, engine)
 
     # --------------------------------------------------------- state across steps
-    def _sam_micro_batch_done(self, passes: int) -> None:
+    def _sam_micro_batch_done(self, passes: int, forwards: int = 0) -> None:
+        """The micro-batch made ``passes`` forward+backward passes and ``forwards`` forward-only ones."""
         self.sam_micro_batches_run += 1
+        # a forward is 2 of the 6 FLOPs per parameter and token a forward+backward costs
+        self._sam_flops_factor = passes + forwards / 3
         self._sam_metrics.count_passes(passes, self.state.global_step)
 
     def _sam_current_rho(self) -> float:

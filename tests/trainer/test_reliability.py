@@ -44,7 +44,9 @@ def _losses(trainer, after_step):
 @pytest.mark.parametrize("rule", ["normalized", "projected"])
 def test_resume_is_bit_identical_to_one_run(tmp_path, rule):
     straight, final = _train(tmp_path / "a", _sam, sam_ascent_rule=rule)
-    resumed, final_resumed = _train(tmp_path / "b", _sam, resume=str(tmp_path / "a" / "checkpoint-2"), sam_ascent_rule=rule)
+    resumed, final_resumed = _train(
+        tmp_path / "b", _sam, resume=str(tmp_path / "a" / "checkpoint-2"), sam_ascent_rule=rule
+    )
     assert params_equal(final, final_resumed)
     assert _losses(straight, 2) == _losses(resumed, 2) and _losses(straight, 2)
 

@@ -290,3 +290,82 @@ def test_method_options_are_checked(tmp_path, kwargs, field, words):
     with pytest.raises(ValueError, match=re.escape(field)) as info:
         SAMTrainingArguments(output_dir=str(tmp_path), **{**BASE_ARGS, **kwargs})
     assert words in str(info.value)
+
+
+IN_BACKWARD = ["lomo", "adalomo", "galore_adamw_layerwise", "galore_adafactor_layerwise", "apollo_adamw_layerwise"]
+
+
+@pytest.mark.parametrize("optim", IN_BACKWARD)
+def test_optimizers_that_step_inside_backward_are_refused_by_name(tmp_path, optim):
+    """Refused when the arguments are validated, before the optimizer's package (lomo-optim, galore-torch) is
+    asked for; with SAM off the same arguments are the stock Trainer's."""
+    with pytest.raises(ValueError, match=rf"optim='{optim}' steps the optimizer inside backward") as error:
+        SAMTrainingArguments(output_dir=str(tmp_path), optim=optim, sam_ascent_steps=2, use_cpu=True)
+    assert "k + 1" in str(error.value) and "sam_ascent_steps=0" in str(error.value)
+    assert SAMTrainingArguments(output_dir=str(tmp_path), optim=optim, sam_ascent_steps=0, use_cpu=True).optim == optim
+    from transformers import Trainer, TrainingArguments
+
+    from hf_sam import SAMTrainer
+
+    plain = TrainingArguments(output_dir=str(tmp_path), optim=optim, use_cpu=True)
+    with pytest.raises(ValueError, match=rf"optim='{optim}' steps the optimizer inside backward"):
+        SAMTrainer(model=TinyNet(), args=plain, sam_config=SAMConfig(ascent_steps=1))
+    assert isinstance(Trainer(model=TinyNet(), args=plain), Trainer)
+
+
+class _StepsInBackward(torch.optim.Optimizer):
+    """A user's optimizer-in-backward, in the two shapes they take: one optimizer per parameter stepped by a
+    post-accumulate-grad hook (PyTorch's tutorial, transformers' layer-wise GaLore), or the optimizer's own
+    method as a tensor hook that updates the parameter as its gradient arrives (LOMO)."""
+
+    def __init__(self, params, shape: str) -> None:
+        params = list(params)
+        super().__init__(params, {"lr": 0.1})
+        if shape == "per-parameter":
+            per_param = {p: torch.optim.SGD([p], lr=0.1) for p in params}
+
+            def step_this_one(p):
+                per_param[p].step()
+                per_param[p].zero_grad()
+
+            for p in params:
+                p.register_post_accumulate_grad_hook(step_this_one)
+        else:
+            for p in params:
+                p.register_hook(lambda g, p=p: self.update(p, g))
+                p.register_hook(self.fused_update)
+
+    @torch.no_grad()
+    def update(self, p, g):
+        p.add_(g, alpha=-0.1)
+
+    def fused_update(self, g):
+        return g
+
+    def step(self, closure=None):  # the updates happened inside backward
+        return None
+
+
+@pytest.mark.parametrize("shape", ["per-parameter", "fused"])
+def test_an_optimizer_stepping_in_a_gradient_hook_is_refused_before_any_weight_moves(tmp_path, shape):
+    set_seed(0)
+    model = TinyNet(dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = _StepsInBackward(model.parameters(), shape)
+    trainer = sam_trainer(tmp_path, model, make_data(8, dtype=torch.float32), sam_ascent_steps=2)
+    trainer.optimizer = optimizer
+    with pytest.raises(ValueError, match="steps the optimizer inside backward") as error:
+        trainer.train()
+    assert "on the trainable parameter" in str(error.value)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "a weight moved before the refusal"
+
+
+def test_a_gradient_hook_without_an_optimizer_is_not_refused(tmp_path):
+    set_seed(0)
+    model = TinyNet(dtype=torch.float32)
+    seen = []
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.norm()))
+    trainer = sam_trainer(tmp_path, model, make_data(8, dtype=torch.float32), sam_ascent_steps=2)
+    trainer.train()
+    assert trainer.state.global_step == 1 and seen

@@ -1,0 +1,85 @@
+"""What a model card says about SAM: the method, its papers, and every ``sam_*`` setting off its default.
+
+The Trainer's card lists ``TrainingArguments``' own hyperparameters only; a card that names the optimizer and
+not SAM misdescribes how the model was trained. The lines are added to the card's hyperparameter list (the
+Trainer's template), or as a section of their own in a card of another template (TRL's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from ..config import SAMConfig
+
+_PAPERS = {
+    "sam": "SAM (Foret et al., 2021, arXiv 2010.01412)",
+    "multi-step": "multi-step ascent (Kim et al., 2023, arXiv 2302.10181)",
+    "projected": "projected ascent (Andriushchenko & Flammarion, 2022, arXiv 2206.06232)",
+    "adaptive": "ASAM (Kwon et al., 2021, arXiv 2102.11600)",
+    "gsam": "GSAM (Zhuang et al., 2022, arXiv 2203.08065)",
+    "wsam": "WSAM (Yue et al., 2023, arXiv 2305.15817)",
+    "xsam": "XSAM (arXiv 2603.10048)",
+    "friendly": "F-SAM (Li et al., 2024, arXiv 2403.12350)",
+    "looksam": "LookSAM (Liu et al., 2022, arXiv 2203.02714)",
+    "lookbehind": "Lookbehind-SAM (Mordido et al., 2024, arXiv 2307.16704)",
+    "msam": "Momentum-SAM (Becker et al., 2024, arXiv 2401.12033)",
+}
+# written on every card of a SAM run, whatever their value: they define the method
+_ALWAYS = ("ascent_steps", "rho")
+_HYPERPARAMETERS = "The following hyperparameters were used during training:\n"
+
+
+def method_papers(config: SAMConfig) -> list[str]:
+    """The method a configuration trains with, as the papers that define its parts."""
+    if config.method in ("lookbehind", "msam"):
+        parts = [config.method]
+    else:
+        parts = ["sam"]
+        if config.ascent_steps > 1:
+            parts.append("multi-step")
+        if config.ascent_rule == "projected":
+            parts.append("projected")
+        if config.descent in ("gsam", "wsam", "xsam"):
+            parts.append(config.descent)
+        if config.direction == "friendly":
+            parts.append("friendly")
+        if config.every_n_steps > 1:
+            parts.append("looksam")
+    if config.adaptive:
+        parts.append("adaptive")
+    return [_PAPERS[p] for p in parts]
+
+
+def sam_hyperparameters(config: SAMConfig) -> dict[str, object]:
+    """``sam_*`` name -> value: the defining settings, and every other one that is not at its default."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in _ALWAYS or value != f.default:
+            out[f"sam_{f.name}"] = value
+    return out
+
+
+def card_lines(config: SAMConfig) -> list[str]:
+    """The card's lines: ``- name: value``, the method first."""
+    lines = [f"- sam_method_papers: {'; '.join(method_papers(config))}"]
+    lines += [f"- {name}: {value}" for name, value in sam_hyperparameters(config).items()]
+    return lines
+
+
+def add_sam_to_card(path: str | os.PathLike, config: SAMConfig) -> None:
+    """Write the SAM lines into the card at ``path`` (a no-op for a run without SAM or without a card)."""
+    if config.ascent_steps == 0 or not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        card = f.read()
+    lines = "\n".join(card_lines(config))
+    if _HYPERPARAMETERS in card:
+        head, tail = card.split(_HYPERPARAMETERS, 1)
+        listed, blank, rest = tail.partition("\n\n")  # the Trainer's list ends at the first blank line
+        card = f"{head}{_HYPERPARAMETERS}{listed.rstrip()}\n{lines}{blank}{rest}"
+    else:
+        card = f"{card.rstrip()}\n\n### Sharpness-Aware Minimization\n\nTrained with SAMTrainer (hf-sam):\n{lines}\n"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(card)
