@@ -11,8 +11,9 @@ rank before ZeRO partitions it does not hide what SAM adds later. SAM's extra = 
 its resident memory at the reset) - the same for the stock run, the largest over ranks; it is printed against
 the model's fp32 size and against one rank's share of it (size / ranks). For ZeRO-2, "gather MiB" is what one
 of ZeRO-2's own refreshes of the weights (``update_lp_params``: an all-gather) peaks above the memory before
-it, after the stock run: the backend's staging, which SAM's refreshes meet while its state is alive. glibc's mmap threshold is pinned
-(``MALLOC_MMAP_THRESHOLD_``) so freed tensors go back to the system instead of staying in the heap.
+it, after the stock run: the backend's staging, which SAM's refreshes meet while its state is alive. glibc's
+mmap threshold is pinned (``MALLOC_MMAP_THRESHOLD_``) so freed tensors go back to the system instead of staying
+in the heap.
 FSDP2 is not here: accelerate enables it only on accelerators (tests/distributed/test_fsdp.py asserts
 that SAM's snapshot is each rank's shard on a CPU mesh).
 """
