@@ -56,7 +56,7 @@ from own_time import (  # noqa: E402
     phase_seconds,
     weight_bytes,
 )
-from step_timer import StepTimer  # noqa: E402
+from step_timer import StepTimer, cpu_name  # noqa: E402
 from step_variants import CYCLE, make_variant, variant_list  # noqa: E402, F401 - make_variant: for the other scripts
 from throughput import bf16_peak_flops, step_flops  # noqa: E402
 
@@ -300,16 +300,6 @@ def peak_mib(preset: str, index: int, case: Case, variant, bf16: bool, device: s
     return value
 
 
-def _cpu_name() -> str:
-    """The CPU model and core count, as /proc/cpuinfo tells them (the machine a table was measured on)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    return f"cpu {names[0] if names else 'unknown'} x{len(names) or os.cpu_count()}"
-
-
 def _format(iv: Interval | None) -> str:
     return "" if iv is None else f"{iv.estimate:.3f} [{iv.low:.3f},{iv.high:.3f}]"
 
@@ -441,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = [v for v in variants if v[0] != "peer"]
     rows = []
     print(
-        f"# torch {torch.__version__}, device {torch.cuda.get_device_name() if device == 'cuda' else _cpu_name()}, "
+        f"# torch {torch.__version__}, device {torch.cuda.get_device_name() if device == 'cuda' else cpu_name()}, "
         f"threads {torch.get_num_threads()}, bf16 {bf16}; ratios: median of per-round ratios [95% bootstrap "
         f"interval], rounds until every SAM half-width <= {args.target:g} or {args.time_cap:g} s; samples of >= "
         f"{args.min_sample_s:g} s ({'CUDA events' if device == 'cuda' else 'wall clock'}); own = SAM step - "

@@ -5,10 +5,21 @@ the wall clock on the CPU; a warm-up runs rounds until the step times settle."""
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 
 import torch
+
+
+def cpu_name() -> str:
+    """The CPU model and core count, as /proc/cpuinfo tells them (the machine a table was measured on)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"cpu {names[0] if names else 'unknown'} x{len(names) or os.cpu_count()}"
 
 
 class StepTimer:

@@ -8,16 +8,17 @@ from torch import nn
 
 
 class TinyNet(nn.Module):
-    """x -> tanh(fc1 x) [-> BatchNorm] -> fc2 -> cross-entropy.
+    """x -> tanh(fc1 x) [-> dropout] [-> BatchNorm] -> fc2 -> cross-entropy.
 
     ``poison`` maps a forward-call index (1-based) to a factor multiplied into the loss
     (NaN or inf to inject a non-finite gradient); ``fail_on`` maps a call index to "forward"
     or "backward" to raise there.
     """
 
-    def __init__(self, d_in=5, hidden=7, classes=3, batchnorm=False, dtype=torch.float64):
+    def __init__(self, d_in=5, hidden=7, classes=3, batchnorm=False, dtype=torch.float64, dropout=0.0):
         super().__init__()
         self.fc1 = nn.Linear(d_in, hidden, dtype=dtype)
+        self.dropout = nn.Dropout(dropout) if dropout else None
         self.bn = nn.BatchNorm1d(hidden, dtype=dtype) if batchnorm else None
         self.fc2 = nn.Linear(hidden, classes, dtype=dtype)
         self.calls = 0
@@ -31,6 +32,8 @@ class TinyNet(nn.Module):
         if self.fail_on.get(self.calls) == "interrupt":
             raise KeyboardInterrupt
         h = torch.tanh(self.fc1(x))
+        if self.dropout is not None:
+            h = self.dropout(h)
         if self.bn is not None:
             h = self.bn(h)
         logits = self.fc2(h)

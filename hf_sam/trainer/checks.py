@@ -14,7 +14,10 @@ _FULL_PRECISION = (torch.float32, torch.float64)
 
 def check_launch(trainer) -> None:
     """DeepSpeed and FSDP2 without a synchronized ascent, FSDP1, DataParallel, and what DeepSpeed cannot make
-    exact yet: refuse with the reason and what to use instead."""
+    exact yet, optimizers that step inside backward: refuse with the reason and what to use instead."""
+    optim = getattr(trainer.args, "optim", None)
+    if steps_in_backward(optim):  # (SAMTrainingArguments refuse it already; sam_config beside plain arguments)
+        raise ValueError(in_backward_refusal(f"optim={getattr(optim, 'value', optim)!r}"))
     if trainer.is_deepspeed_enabled:
         from .deepspeed import check_deepspeed
 

@@ -21,14 +21,7 @@ from ..engine.ascent import MultiStepAscent, scaled_loss
 from ..engine.descents.xsam import alpha_grid
 from . import compat
 from .args import SAMArgumentsMixin
-from .checks import (
-    check_launch,
-    check_optimizer_steps_outside_backward,
-    check_trainable_dtypes,
-    in_backward_refusal,
-    perturbed_weights_mode,
-    steps_in_backward,
-)
+from .checks import check_launch, check_optimizer_steps_outside_backward, check_trainable_dtypes, perturbed_weights_mode
 from .every_n import EveryNSteps
 from .launch import GradientSync
 from .lookbehind import LookbehindStep, check_lookbehind
@@ -125,9 +118,6 @@ class SAMMixin:
         self._sam_optimizer_checked = False  # once per train(), before its first pass
         self._sam_flops_factor = 1.0  # the last micro-batch's passes, in forward+backward passes
         if sam_config.ascent_steps >= 1:
-            optim = getattr(self.args, "optim", None)
-            if steps_in_backward(optim):  # (sam_config given beside plain TrainingArguments)
-                raise ValueError(in_backward_refusal(f"optim={getattr(optim, 'value', optim)!r}"))
             self.add_callback(_EverySAMStepRan(self))
             self.add_callback(_AfterOptimizerStep(self))
             check_launch(self)

@@ -34,6 +34,28 @@ class SeeingTrainer(SAMTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
+def resume_check(out_dir, k, grad_accum, sync):
+    """4 steps straight (dropout on, shuffled data) and the same run resumed from its step-2 checkpoint: the
+    final weights of both, for a torch.equal in the test."""
+    finals = {}
+    for label, resume in (("straight", None), ("resumed", os.path.join(out_dir, "resume", "checkpoint-2"))):
+        set_seed(0)
+        model = TinyNet(dtype=torch.float32, dropout=0.2)
+        options = {
+            **BASE_ARGS, "per_device_train_batch_size": 3, "gradient_accumulation_steps": grad_accum, "max_steps": 4,
+            "save_strategy": "steps", "save_steps": 2, "train_sampling_strategy": "random", "optim": "adamw_torch",
+            "learning_rate": 0.01,
+        }  # fmt: skip
+        args = SAMTrainingArguments(
+            output_dir=os.path.join(out_dir, "resume"), **options, ddp_backend="gloo", sam_ascent_steps=k,
+            sam_rho=0.3, sam_sync_ascent=sync,
+        )  # fmt: skip
+        trainer = SAMTrainer(model=model, args=args, train_dataset=make_data(24, seed=4, dtype=torch.float32))
+        trainer.train(resume_from_checkpoint=resume)
+        finals[label] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return finals
+
+
 def main():
     out_dir, k, grad_accum, sync = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
     xsam = {"sam_descent": "xsam", "sam_xsam_alpha": 0.5} if len(sys.argv) > 5 and sys.argv[5] == "xsam" else {}
@@ -53,12 +75,14 @@ def main():
     trainer = SeeingTrainer(model=model, args=args, train_dataset=make_data(24, seed=4), callbacks=[rec])
     trainer.train()
     rank = int(os.environ["RANK"])
+    resumed = resume_check(out_dir, k, grad_accum, sync) if "resume" in sys.argv[6:] else None
     torch.save(
         {
             "before": rec.before,
             "after": {n: p.detach().clone() for n, p in model.named_parameters()},
             "batches": trainer.seen,
             "world": int(os.environ["WORLD_SIZE"]),
+            "resume": resumed,
         },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )

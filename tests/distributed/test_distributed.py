@@ -22,7 +22,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp_path, k, grad_accum, sync, descent="last"):
+def _launch(tmp_path, k, grad_accum, sync, descent="last", resume=False):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
         sys.executable,
@@ -38,6 +38,7 @@ def _launch(tmp_path, k, grad_accum, sync, descent="last"):
         str(grad_accum),
         "1" if sync else "0",
         descent,
+        *(["resume"] if resume else []),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -51,7 +52,9 @@ def ddp_runs(tmp_path_factory):
 
     def run(k, grad_accum, sync):
         if (k, grad_accum, sync) not in runs:
-            runs[k, grad_accum, sync] = _launch(tmp_path_factory.mktemp("ddp"), k, grad_accum, sync)
+            # (2, 2, per-device) also resumes a 4-step run from its step-2 checkpoint
+            resume = (k, grad_accum, sync) == (2, 2, False)
+            runs[k, grad_accum, sync] = _launch(tmp_path_factory.mktemp("ddp"), k, grad_accum, sync, resume=resume)
         return runs[k, grad_accum, sync]
 
     return run
@@ -79,6 +82,14 @@ def test_ddp_update_matches_float64_reference(ddp_runs, k, grad_accum, sync):
     for r in ranks:
         torch.testing.assert_close(flatten(r["after"]), want, rtol=0, atol=1e-12)
     assert all(torch.equal(ranks[0]["after"][n], ranks[1]["after"][n]) for n in NAMES)
+
+
+def test_resume_under_ddp_is_bit_identical(ddp_runs):
+    """SAM k=2, per-device perturbation, accumulation 2, dropout, shuffled data, AdamW: resumed from the step-2
+    checkpoint, every rank ends bit for bit where the 4 steps straight end."""
+    for rank in ddp_runs(2, 2, False):
+        finals = rank["resume"]
+        assert all(torch.equal(finals["straight"][n], finals["resumed"][n]) for n in NAMES)
 
 
 def test_sync_and_per_device_differ(ddp_runs):

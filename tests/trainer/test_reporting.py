@@ -70,9 +70,7 @@ def test_total_flos_counts_every_pass_sam_makes(tmp_path, options, passes_per_st
 
 
 def test_model_card_records_sam(tmp_path):
-    trainer, _ = _train(
-        tmp_path, sam_trainer, sam_ascent_steps=2, sam_rho=0.1, sam_descent="gsam", sam_gsam_alpha=0.2
-    )
+    trainer, _ = _train(tmp_path, sam_trainer, sam_ascent_steps=2, sam_rho=0.1, sam_descent="gsam", sam_gsam_alpha=0.2)
     trainer.create_model_card(model_name="tiny")
     card = (tmp_path / "README.md").read_text()
     hyperparameters = card.split("The following hyperparameters were used during training:\n")[1]
