@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 from .config_family import DIRECTIONS, GRANULARITIES, RHO_SCHEDULES, validate_family
@@ -49,6 +50,9 @@ class SAMConfig:
         towards the fast ones; see :mod:`hf_sam.engine.lookbehind`) or "msam" (Momentum-SAM: one
         pass at w - rho v / ||v||, v the optimizer's momentum; k = 1).
     lookbehind_alpha: Lookbehind's alpha in (0, 1], or None for the adaptive per-tensor alpha.
+    start_step: SAM late in training: optimizer steps before it are the stock Trainer's (one pass), SAM
+        runs from it on; an integer step, or a float in [0, 1) as a fraction of the run's steps (rounded
+        up, as ``warmup_steps``). 0: SAM from the first step.
     sync_ascent: under DDP, all-reduce the ascent gradients (one perturbation for all ranks).
     replay_rng: run every ascent and descent pass with the random state of the clean pass (the same
         dropout masks), so that the loss difference is the perturbation's alone.
@@ -86,6 +90,7 @@ class SAMConfig:
     rho_schedule: str = "constant"
     rho_min: float = 0.0
     perturbed_weights: str = "auto"
+    start_step: float = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -141,10 +146,30 @@ class SAMConfig:
         if k == 0 and self.descent in ("mean", "xsam"):
             fail("descent", self.descent, f"'{self.descent}' needs {prefix}ascent_steps >= 1")
         self._validate_xsam(fail, prefix)
+        self._validate_start_step(fail, prefix)
         validate_family(self, fail, prefix)
         self._validate_method(fail, prefix)
         if k == 0 and self.adaptive:
             fail("adaptive", self.adaptive, f"ASAM needs {prefix}ascent_steps >= 1")
+
+    def _validate_start_step(self, fail, prefix: str) -> None:
+        start = self.start_step
+        shape = "an integer step or a fraction in [0, 1) of the run's steps"
+        if isinstance(start, bool) or not isinstance(start, (int, float)) or start != start:
+            fail("start_step", start, f"it must be a number: {shape}")
+        if start < 0:
+            fail("start_step", start, f"it must be >= 0: {shape}")
+        if start >= 1 and start != int(start):
+            fail("start_step", start, f"it must be {shape}")
+        if start and self.ascent_steps == 0:
+            fail("start_step", start, f"it is used only by {prefix}ascent_steps >= 1")
+        if start and self.method == "lookbehind":
+            fail("start_step", start, f"{prefix}method='lookbehind' keeps slow weights across its steps: not supported")
+
+    def first_sam_step(self, max_steps: int) -> int:
+        """The optimizer step (0-based) SAM starts at, in a run of ``max_steps`` steps."""
+        start = self.start_step
+        return int(start) if start >= 1 or start == 0 else math.ceil(max_steps * start)
 
     def _validate_method(self, fail, prefix: str) -> None:
         if self.method not in METHODS:
@@ -216,6 +241,7 @@ class SAMConfig:
         kwargs.pop("xsam_alpha_max")
         kwargs.pop("method")
         kwargs.pop("lookbehind_alpha")
+        kwargs.pop("start_step")  # the trainer's: which steps are SAM steps
         for name in ("every_n_steps", "reuse_alpha", "reuse_granularity", "rho_schedule", "rho_min"):
             kwargs.pop(name)  # the trainer's (which steps are SAM steps, and their rho)
         if self.descent == "xsam":

@@ -28,6 +28,7 @@ FAMILY_COLORS = {
     "looksam": "navy",
     "every-n": "slategray",
     "msam": "lime",
+    "late": "teal",
 }
 MEASURES = [
     ("m_sharpness", "worst-case loss increase in the rho-ball (m=64)"),

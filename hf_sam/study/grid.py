@@ -104,6 +104,7 @@ class MethodSpec:
     direction: str = "gradient"  # or "friendly" (F-SAM)
     every_n_steps: int = 1
     reuse_alpha: float = 0.0  # LookSAM's alpha on the steps between SAM steps
+    start_fraction: float = 0.0  # SAM late in training: plain steps for this fraction of the run first
 
     @property
     def family(self) -> str:
@@ -112,6 +113,8 @@ class MethodSpec:
             return "adamw"
         if self.method in ("lookbehind", "msam"):
             return self.method
+        if self.start_fraction > 0:
+            return "late"
         if self.every_n_steps > 1:
             return "looksam" if self.reuse_alpha > 0 else "every-n"
         if self.direction == "friendly":
@@ -125,10 +128,10 @@ class MethodSpec:
     @property
     def passes_per_step(self) -> float:
         """Forward+backward passes per optimizer step on average: k + 1 for SAM, 1 + k/n for SAM every n
-        steps (LookSAM), 1 for MSAM and for plain training."""
+        steps (LookSAM), 1 + k f for SAM on the last fraction f of the steps, 1 for MSAM and plain training."""
         if self.ascent_steps == 0 or self.method == "msam":
             return 1.0
-        return 1.0 + self.ascent_steps / self.every_n_steps
+        return 1.0 + self.ascent_steps / self.every_n_steps * (1.0 - self.start_fraction)
 
 
 # XSAM's fixed-alpha variant: halfway between descending along the ascent (0) and SAM's descent (1)
@@ -138,6 +141,7 @@ LOOKSAM_ALPHA = 0.7
 _KINDS = "normalized|projected|accumulated|mean|asam|xsam|xsam-fixed|lookbehind|gsam|wsam|friendly"
 _METHOD = re.compile(rf"^({_KINDS})-k(\d+)$")
 _EVERY_N = re.compile(r"^(looksam|every)-n(\d+)-k(\d+)$")
+_LATE = re.compile(r"^late(\d+)-k(\d+)$")
 
 
 def parse_method(name: str) -> MethodSpec:
@@ -147,7 +151,8 @@ def parse_method(name: str) -> MethodSpec:
     xsam: normalized ascent, XSAM descent with the dynamic alpha; xsam-fixed: alpha 0.5;
     lookbehind: Lookbehind-SAM with alpha 0.5 (the paper's fixed alpha); gsam, wsam: those descents
     with their defaults; friendly: F-SAM's direction; looksam-nM-kN: SAM with k steps every M
-    optimizer steps and LookSAM's reuse (alpha 0.7) in between; every-nM-kN: the same without reuse."""
+    optimizer steps and LookSAM's reuse (alpha 0.7) in between; every-nM-kN: the same without reuse;
+    lateP-kN: plain steps for the first P% of the run, then SAM with k steps (sam_start_step = P/100)."""
     if name == "adamw":
         return MethodSpec(name, 0)
     if name == "sam":
@@ -160,11 +165,17 @@ def parse_method(name: str) -> MethodSpec:
         if n < 2 or k < 1:
             raise ValueError(f"Method {name!r}: n must be >= 2 and k >= 1.")
         return MethodSpec(name, k, every_n_steps=n, reuse_alpha=LOOKSAM_ALPHA if every.group(1) == "looksam" else 0.0)
+    late = _LATE.match(name)
+    if late:
+        percent, k = int(late.group(1)), int(late.group(2))
+        if not 0 < percent < 100 or k < 1:
+            raise ValueError(f"Method {name!r}: the percentage must be in 1..99 and k >= 1.")
+        return MethodSpec(name, k, start_fraction=percent / 100)
     match = _METHOD.match(name)
     if not match:
         raise ValueError(
-            f"Unknown method {name!r}: use adamw, sam, msam, {_KINDS.replace('|', '|')}-k<N>, "
-            "looksam-n<M>-k<N> or every-n<M>-k<N>."
+            f"Unknown method {name!r}: use adamw, sam, msam, {_KINDS}-k<N>, "
+            "looksam-n<M>-k<N>, every-n<M>-k<N> or late<P>-k<N>."
         )
     kind, k = match.group(1), int(match.group(2))
     if k < 1:

@@ -66,6 +66,7 @@ def _training_args(config: StudyConfig, run: RunSpec, output_dir: Path, spec_tra
         sam_direction=method.direction,
         sam_every_n_steps=method.every_n_steps,
         sam_reuse_alpha=method.reuse_alpha,
+        sam_start_step=method.start_fraction,
     )
     return SAMTrainingArguments(**values)
 

@@ -7,7 +7,7 @@ class's own defaults: ``class SAMSFTConfig(SAMArgumentsMixin, SFTConfig)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
@@ -141,6 +141,13 @@ class SAMArgumentsMixin:
         default=0.5,
         metadata={"help": "Lookbehind's alpha in (0, 1]; unset (None) for the adaptive per-tensor alpha."},
     )
+    sam_start_step: float = field(
+        default=0,
+        metadata={
+            "help": "SAM late in training: plain optimizer steps (the stock Trainer's) before this step, SAM from it "
+            "on. An integer step, or a float in [0, 1) as a fraction of the run's steps (as --warmup_steps)."
+        },
+    )
     sam_diagnostics: bool = field(
         default=False,
         metadata={
@@ -181,35 +188,9 @@ class SAMArgumentsMixin:
     @property
     def sam_config(self) -> SAMConfig:
         """The validated :class:`SAMConfig` these arguments describe."""
+        # every SAMConfig field is the sam_-prefixed field of the same name (a test holds the two lists equal)
         return SAMConfig.from_fields(
-            prefix="sam_",
-            ascent_steps=self.sam_ascent_steps,
-            rho=self.sam_rho,
-            ascent_rule=self.sam_ascent_rule,
-            step_mult=self.sam_step_mult,
-            adaptive=self.sam_adaptive,
-            adaptive_eta=self.sam_adaptive_eta,
-            descent=self.sam_descent,
-            sync_ascent=self.sam_sync_ascent,
-            replay_rng=self.sam_replay_rng,
-            diagnostics=self.sam_diagnostics,
-            perturbed_weights=self.sam_perturbed_weights,
-            xsam_alpha=self.sam_xsam_alpha,
-            xsam_alpha_max=self.sam_xsam_alpha_max,
-            xsam_rho_max=self.sam_xsam_rho_max,
-            method=self.sam_method,
-            lookbehind_alpha=self.sam_lookbehind_alpha,
-            gsam_alpha=self.sam_gsam_alpha,
-            wsam_gamma=self.sam_wsam_gamma,
-            wsam_decouple=self.sam_wsam_decouple,
-            direction=self.sam_direction,
-            friendly_sigma=self.sam_friendly_sigma,
-            friendly_lambda=self.sam_friendly_lambda,
-            every_n_steps=self.sam_every_n_steps,
-            reuse_alpha=self.sam_reuse_alpha,
-            reuse_granularity=self.sam_reuse_granularity,
-            rho_schedule=self.sam_rho_schedule,
-            rho_min=self.sam_rho_min,
+            prefix="sam_", **{f.name: getattr(self, f"sam_{f.name}") for f in fields(SAMConfig)}
         )
 
 

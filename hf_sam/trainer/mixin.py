@@ -224,12 +224,15 @@ class SAMMixin:
         if not self._sam_optimizer_checked:  # before any pass: an in-backward step would move the weights first
             check_optimizer_steps_outside_backward(self.optimizer, model)
             self._sam_optimizer_checked = True
-        rho = self._sam_current_rho()
         stock = lambda: super(SAMMixin, self).training_step(model, inputs, num_items_in_batch)  # noqa: E731
         if self.is_deepspeed_enabled:
             from .deepspeed import stock_pass
 
             stock = stock_pass(self, stock)
+        if self.state.global_step < self.sam_config.first_sam_step(self.state.max_steps):  # SAM late in training
+            self._sam_micro_batch_done(1)
+            return stock()
+        rho = self._sam_current_rho()
         if self._lookbehind is not None:  # another method, its own step (hf_sam.trainer.lookbehind)
             self._sam_micro_batch_done(self.sam_config.ascent_steps + 1)
             self._lookbehind.rho = rho

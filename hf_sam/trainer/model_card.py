@@ -24,6 +24,7 @@ _PAPERS = {
     "looksam": "LookSAM (Liu et al., 2022, arXiv 2203.02714)",
     "lookbehind": "Lookbehind-SAM (Mordido et al., 2024, arXiv 2307.16704)",
     "msam": "Momentum-SAM (Becker et al., 2024, arXiv 2401.12033)",
+    "late": "SAM late in training (ICLR 2025, arXiv 2410.10373)",
 }
 # written on every card of a SAM run, whatever their value: they define the method
 _ALWAYS = ("ascent_steps", "rho")
@@ -48,6 +49,8 @@ def method_papers(config: SAMConfig) -> list[str]:
             parts.append("looksam")
     if config.adaptive:
         parts.append("adaptive")
+    if config.start_step:
+        parts.append("late")
     return [_PAPERS[p] for p in parts]
 
 

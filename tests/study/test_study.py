@@ -40,6 +40,8 @@ def test_family_methods_parse_with_their_passes():
         "looksam-n5-k3": (3, "looksam", 1.6, {"every_n_steps": 5, "reuse_alpha": 0.7}),
         "every-n4-k2": (2, "every-n", 1.5, {"every_n_steps": 4, "reuse_alpha": 0.0}),
         "msam": (1, "msam", 1.0, {"method": "msam"}),
+        "late50-k1": (1, "late", 1.5, {"start_fraction": 0.5}),
+        "late75-k2": (2, "late", 1.5, {"start_fraction": 0.75}),
         "sam": (1, "normalized", 2.0, {}),
         "adamw": (0, "adamw", 1.0, {}),
     }
@@ -47,7 +49,7 @@ def test_family_methods_parse_with_their_passes():
         m = parse_method(name)
         assert (m.ascent_steps, m.family, m.passes_per_step) == (k, family, passes), name
         assert all(getattr(m, f) == v for f, v in fields.items()), name
-    for bad in ("looksam-n1-k2", "looksam-k2", "msam-k2", "every-n3"):
+    for bad in ("looksam-n1-k2", "looksam-k2", "msam-k2", "every-n3", "late0-k1", "late100-k1", "late50-k0"):
         with pytest.raises(ValueError):
             parse_method(bad)
     # equal compute: every method gets the passes of SAM k=1 (2 per step)
@@ -269,3 +271,14 @@ def test_paper_preset_hub_path_with_local_stand_ins(tmp_path, monkeypatch):
         ("sst2", "adamw"),
         ("sst2", "sam"),
     ]
+
+
+def test_sam_late_in_training_reaches_the_trainer_as_sam_start_step(tmp_path):
+    from hf_sam.study.grid import RunSpec
+    from hf_sam.study.runner import _training_args
+
+    config = StudyConfig.from_preset("quick", tasks=["digits"], seeds=[0], methods=["late50-k2"])
+    run = RunSpec("digits", "late50-k2", 0.05, 0, "epochs", 1.0, 1.0)
+    args = _training_args(config, run, tmp_path, {})
+    assert (args.sam_start_step, args.sam_ascent_steps) == (0.5, 2)
+    assert args.sam_config.first_sam_step(10) == 5

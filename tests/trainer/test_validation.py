@@ -52,6 +52,16 @@ def test_config_without_prefix_names_plain_field():
     assert SAMConfig(ascent_steps=0, rho=0.0).ascent_steps == 0  # rho is unused without ascent
 
 
+def test_every_config_field_is_a_sam_field_with_the_same_default():
+    import dataclasses
+
+    from hf_sam.trainer.args import SAMArgumentsMixin
+
+    config = {f.name: f.default for f in dataclasses.fields(SAMConfig)}
+    arguments = {f.name.removeprefix("sam_"): f.default for f in dataclasses.fields(SAMArgumentsMixin)}
+    assert arguments == config
+
+
 def test_every_sam_field_is_a_cli_flag(tmp_path):
     parser = HfArgumentParser(SAMTrainingArguments)
     (args,) = parser.parse_args_into_dataclasses(
