@@ -1,10 +1,11 @@
-"""What the ascent's float64 gradient norm costs, against a float32 one and against a forward+backward pass.
+"""What a float64 gradient norm would cost, against the float32 one the engine takes and a forward+backward pass.
 
-The engine sums the squares of the ascent gradient in float64 at every step (exact for any finite gradient,
-and no precision mode for a checkpoint to carry). Until 2026-12 it switched to float32 after a review of the
-norms' range; that mode was state a resume lost. This prints, per model, in interleaved rounds on the real
-gradients of one batch: float64 norm / float32 norm, and each norm / one forward+backward pass of the same
-batch (a SAM step of k ascent steps takes k norms and k + 1 passes), as medians with 95% intervals.
+The engine sums the ascent gradient's squares in float32 at every step: one arithmetic, no precision mode for a
+checkpoint to carry (until 2026-12 it took float64 norms until a review of their range switched it to float32,
+and a resume lost that mode). Float64 squares would be exact at any magnitude; this measures their price. It
+prints, per model, in interleaved rounds on the real gradients of one batch: float64 norm / float32 norm, and
+each norm / one forward+backward pass of the same batch (a SAM step of k ascent steps takes k norms and k + 1
+passes), as medians with 95% intervals.
 
     OMP_NUM_THREADS=1 python benchmarks/norm_precision.py
 """

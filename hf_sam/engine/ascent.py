@@ -149,6 +149,9 @@ class MultiStepAscent:
         self._scale: list[Tensor] | None = None  # ASAM's T, for this step only
         self._directions: DirectionTracker | None = None  # with track_directions only
         self._in_step = False
+        # 16-bit gradients' squares are summed in float32, not in their own dtype
+        wide = all(w.dtype in (torch.float32, torch.float64) for w in self._weights)
+        self._norm_dtype = None if wide else torch.float32
         self._uniform = uniform(self._weights)  # the weights' layouts do not change (FSDP2 views alike)
         self._step_size_t = torch.tensor(self.step_size, dtype=torch.float64, device=self._weights[0].device)
         self._reset_step_state()
@@ -243,9 +246,11 @@ class MultiStepAscent:
         if self.adaptive:
             scale = [self._scale[j] for j in idx]
             torch._foreach_mul_(grads, scale)  # u = T g
-        # float64 squares: exact for any finite gradient, and the same arithmetic at every step (no mode to
-        # resume); about 0.5% of a pass (benchmarks/norm_precision.py)
-        norm = global_norm(grads, self._layout, self._layout.flags(idx), dtype=torch.float64)
+        # one arithmetic at every step, no mode for a checkpoint to carry: squares summed in float32 (at least), the
+        # tensors' norms combined in float64. Squares that overflow float32 (an element beyond ~1e19) give an inf
+        # norm, so the ascent is dropped as a non-finite one; all vanishing (every element below ~1e-19) give 0, a
+        # zero gradient. A float64 sum would cost 6-11% of a pass on a CPU (benchmarks/norm_precision.py).
+        norm = global_norm(grads, self._layout, self._layout.flags(idx), dtype=self._norm_dtype)
         norm = norm.to(self._weights[0].device)  # (a rank owning no shard sums on the CPU)
         moving = self.record.observe(norm)
         self.descent_rule.ascent_gradient(i, idx, grads, self.record)

@@ -65,7 +65,10 @@ def problems(draw):
     dims = draw(shapes)
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
     seed = draw(st.integers(0, 2**31 - 1))
-    scale = draw(st.sampled_from([1e-20, 1e-6, 1.0, 1e6, 1e20]))
+    # float32 norms sum float32 squares: gradients beyond their range (1e20, 1e-20) drop the ascent or are a zero
+    # gradient by design (test_no_host_sync.test_the_ascent_norm_has_no_mode); within it, every magnitude
+    extreme = 1e20 if dtype == torch.float64 else 1e15
+    scale = draw(st.sampled_from([1 / extreme, 1e-6, 1.0, 1e6, extreme]))
     zero = draw(st.booleans())
     g = torch.Generator().manual_seed(seed)
     weights = [torch.randn(s, generator=g, dtype=dtype) for s in dims]
