@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import verdicts
+from . import landscape_verdicts, verdicts
 from .comparison_figures import forest_plot
 from .figures import write_figures
 from .grid import StudyConfig
@@ -65,6 +65,16 @@ def _front_lines(data: pd.DataFrame) -> list[str]:
     return [*lines, ""]
 
 
+def with_landscape(accuracy: pd.DataFrame, landscape: pd.DataFrame) -> pd.DataFrame:
+    """The accuracy verdicts with each measure's ratio, interval and landscape verdict as columns of their own."""
+    if accuracy.empty or landscape.empty:
+        return accuracy
+    keys = ["task", "budget", "method", "rho"]
+    wide = landscape.pivot(index=keys, columns="measure", values=["ratio", "low", "high", "verdict"])
+    wide.columns = [f"{measure}_{value}" for value, measure in wide.columns]
+    return accuracy.merge(wide.reset_index(), on=keys, how="left")
+
+
 def write_report(config: StudyConfig, root: Path) -> Path:
     """Write report.md, results.csv/json, summary.csv/json and the figures; returns report.md's path."""
     root = Path(root)
@@ -79,7 +89,8 @@ def write_report(config: StudyConfig, root: Path) -> Path:
     summary = summarize(data)
     failed = verdicts.failed_runs(data)
     verdict_frame = verdicts.verdict_table(data, failed=failed)
-    verdict_frame.to_csv(root / "verdicts.csv", index=False)
+    landscape = landscape_verdicts.landscape_table(data)
+    with_landscape(verdict_frame, landscape).to_csv(root / "verdicts.csv", index=False)
     summary.to_csv(root / "summary.csv", index=False)
     (root / "summary.json").write_text(summary.to_json(orient="records", indent=1))
     write_figures(data, root, root / "figures")
@@ -149,6 +160,17 @@ def write_report(config: StudyConfig, root: Path) -> Path:
         *verdicts.markdown(verdict_frame),
         "![differences against SAM k=1](figures/differences.png)",
         "",
+        "## Landscape verdicts against SAM k=1",
+        "",
+        "Is a method's minimum flatter or sharper than SAM k=1's (the paper's \"distinct loss landscapes\")? For "
+        "each sharpness measure, the seed-paired ratio method / SAM k=1 on the same task, budget and seed, as a "
+        "geometric mean with its 95% Student t interval on the log ratios. The verdict comes from the interval "
+        "alone: *flatter* when all of it lies below 1, *sharper* when all of it lies above 1, *the same within "
+        "±10%* when all of it lies inside [1/1.1, 1.1], *no difference shown* otherwise. A measure that is not "
+        "positive in every pair gets no ratio (AdamW makes no SAM pass, so it has no training sharpness).",
+        "",
+        *landscape_verdicts.landscape_markdown(landscape),
+        *landscape_verdicts.agreement(landscape, verdict_frame),
         "## Failed runs",
         "",
         f"Runs that ended within {100 * verdicts.CHANCE_SLACK:g} points of chance (1 / number of labels) or with "

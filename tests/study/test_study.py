@@ -183,6 +183,9 @@ def test_tiny_study_end_to_end_with_resume(tmp_path, monkeypatch):
     summary = json.loads((out / "summary.json").read_text())
     assert {row["budget"] for row in summary} == {"epochs", "compute"}
     assert "## Verdicts against SAM k=1" in report and "`xsam-k2`" in report
+    assert "## Landscape verdicts against SAM k=1" in report and "λ_max ratio [95%]" in report
+    header = (out / "verdicts.csv").read_text().splitlines()[0].split(",")
+    assert {"hessian_top_eigenvalue_verdict", "m_sharpness_ratio", "train_sam_sharpness_low"} <= set(header)
     xsam = [row for row in results if row["method"] == "xsam-k2"]
     assert xsam and all(0.0 <= row["train_sam_xsam_alpha"] <= 2.0 for row in xsam)
     assert "`lookbehind-k2`" in report and "`msam`" in report and "`looksam-n2-k2`" in report
