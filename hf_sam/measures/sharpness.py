@@ -49,11 +49,6 @@ def evaluation_mode(model: nn.Module) -> Iterator[list[torch.Tensor]]:
         model.train(was_training)
 
 
-def mean_loss(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any]) -> float:
-    with torch.no_grad():
-        return float(sum(float(loss_fn(model, b)) for b in batches) / len(batches))
-
-
 @dataclass
 class WorstCaseLoss:
     """m-sharpness: the mean over batches of max_{||d|| <= rho} L_B(w + d) - L_B(w)."""
