@@ -140,6 +140,25 @@ def _figure_ascent_losses(df, path: Path) -> None:
     plt.close(fig)
 
 
+def _surface_panels(plt, fig, axes, task: str, entries: list) -> None:
+    """The 2-D surfaces of one task's methods on the same contour levels, one colorbar for all of them: levels
+    at quantiles of their pooled losses, so the basin's detail shows and two panels compare by eye."""
+    if not entries:
+        return
+    entries = sorted(entries, key=lambda e: parse_method(e[0]).ascent_steps)
+    pooled = np.concatenate([np.asarray(surface, dtype=float).ravel() for _, _, surface in entries])
+    levels = np.unique(np.quantile(pooled[np.isfinite(pooled)], np.linspace(0, 1, 16)))
+    from matplotlib.colors import BoundaryNorm
+
+    norm = BoundaryNorm(levels, ncolors=256)
+    filled = None
+    for ax, (method, axis, surface) in zip(axes, entries, strict=False):
+        filled = ax.contourf(axis, axis, surface.T, levels=levels, cmap="viridis", norm=norm)
+        ax.contour(axis, axis, surface.T, levels=levels, colors="black", linewidths=0.3)
+        ax.set_title(f"{task}: {method} (2-D)", fontsize=9)
+    fig.colorbar(filled, ax=list(axes[: len(entries)]), label="validation loss (same levels)", format="%.3g")
+
+
 def _figure_landscapes(df, root: Path, path: Path) -> bool:
     plt = _plt()
     data = df[df["budget"] == df["budget"].iloc[0]].drop_duplicates("run_id")
@@ -150,7 +169,10 @@ def _figure_landscapes(df, root: Path, path: Path) -> bool:
         if "surface" in curves:
             surfaces.setdefault(row["task"], []).append((row["method"], curves["surface_axis"], curves["surface"]))
     n_cols = 2 + max((len(v) for v in surfaces.values()), default=0)
-    fig, axes = plt.subplots(len(tasks), n_cols, figsize=(4.2 * n_cols, 3.6 * len(tasks)), squeeze=False)
+    # constrained layout leaves room for the surfaces' colorbars (tight_layout would draw them over a panel)
+    fig, axes = plt.subplots(
+        len(tasks), n_cols, figsize=(4.2 * n_cols, 3.6 * len(tasks)), squeeze=False, layout="constrained"
+    )
     for i, task in enumerate(tasks):
         part = data[(data["task"] == task) & (data["seed"] == data["seed"].min())]
         for _, row in part.iterrows():
@@ -167,16 +189,9 @@ def _figure_landscapes(df, root: Path, path: Path) -> bool:
         axes[i][1].set_title(f"{task}: along the ascent direction g/||g||", fontsize=9)
         axes[i][1].set_xlabel("distance")
         axes[i][0].legend(fontsize=6)
-        for j, (method, axis, surface) in enumerate(
-            sorted(surfaces.get(task, []), key=lambda s: parse_method(s[0]).ascent_steps)
-        ):
-            ax = axes[i][2 + j]
-            contour = ax.contour(axis, axis, surface.T, levels=15, cmap="viridis")
-            ax.clabel(contour, fontsize=6)
-            ax.set_title(f"{task}: {method} (2-D)", fontsize=9)
+        _surface_panels(plt, fig, axes[i][2:], task, surfaces.get(task, []))
         for j in range(2 + len(surfaces.get(task, [])), n_cols):
             axes[i][j].axis("off")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return bool(surfaces)
