@@ -265,7 +265,8 @@ PRESETS["family"] = {**PRESETS["quick"], "methods": FAMILY_METHODS}
 PRESETS["noisy"] = {
     **PRESETS["quick"],
     "tasks": ["digits_noise20", "digits_noise40"],
-    "methods": ["adamw", "sam", "normalized-k2", "normalized-k3"],
+    # late50-k1: SAM k=1 on the second half of the run only (arXiv 2410.10373's SAM late in training)
+    "methods": ["adamw", "sam", "normalized-k2", "normalized-k3", "late50-k1"],
     "seeds": list(range(20)),
     "measure_examples": 128,
     "landscape_points": 11,
