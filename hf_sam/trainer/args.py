@@ -11,8 +11,21 @@ from dataclasses import dataclass, field, fields
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
-from ..config import ASCENT_RULES, DESCENT_RULES, DIRECTIONS, GRANULARITIES, METHODS, RHO_SCHEDULES, SAMConfig
+from ..config import (
+    ASCENT_RULES,
+    DESCENT_RULES,
+    DIRECTIONS,
+    GRANULARITIES,
+    METHODS,
+    PERTURBED_WEIGHTS,
+    RHO_SCHEDULES,
+    SAMConfig,
+)
 from .checks import in_backward_refusal, steps_in_backward
+
+# each sam_* field's default is SAMConfig's (written once, there); its help is the flag reference's text
+# (docs/usage.md's table is generated from these fields: python -m hf_sam.trainer.flag_table)
+_DEFAULTS = {f.name: f.default for f in fields(SAMConfig)}
 
 
 @dataclass
@@ -24,144 +37,243 @@ class SAMArgumentsMixin:
     """
 
     sam_ascent_steps: int = field(
-        default=1,
-        metadata={"help": "Number k of ascent steps before the descent (k >= 0; 0 = plain training)."},
-    )
-    sam_rho: float = field(default=0.05, metadata={"help": "Radius rho of the neighbourhood (> 0)."})
-    sam_ascent_rule: str = field(
-        default="normalized",
+        default=_DEFAULTS["ascent_steps"],
         metadata={
-            "help": "How each ascent step is taken: normalized (step rho/k), projected "
-            "(step sam_step_mult*rho, then project onto the rho-ball) or accumulated (step rho).",
+            "help": (
+                "Number k >= 0 of ascent steps before the descent. 0 = no ascent: exactly the stock Trainer (the "
+                "baseline of every comparison)."
+            ),
+        },
+    )
+    sam_rho: float = field(
+        default=_DEFAULTS["rho"],
+        metadata={
+            "help": ("Radius rho > 0 of the neighbourhood."),
+        },
+    )
+    sam_ascent_rule: str = field(
+        default=_DEFAULTS["ascent_rule"],
+        metadata={
+            "help": (
+                "How each ascent step is taken: 'normalized' (step rho/k, no projection), 'projected' (step "
+                "sam_step_mult * rho, then project onto the rho-ball) or 'accumulated' (step rho, no projection)."
+            ),
             "choices": list(ASCENT_RULES),
         },
     )
     sam_step_mult: float = field(
-        default=1.0, metadata={"help": "Step size of the 'projected' rule in units of rho (> 0)."}
+        default=_DEFAULTS["step_mult"],
+        metadata={
+            "help": ("Step size of the 'projected' rule in units of rho (> 0; that rule only)."),
+        },
     )
     sam_adaptive: bool = field(
-        default=False, metadata={"help": "ASAM: scale the ascent by T = |w| + sam_adaptive_eta elementwise."}
-    )
-    sam_adaptive_eta: float = field(default=0.01, metadata={"help": "The eta of ASAM (>= 0)."})
-    sam_descent: str = field(
-        default="last",
+        default=_DEFAULTS["adaptive"],
         metadata={
-            "help": "Descent gradient: 'last' (at w + d_k), 'mean' (mean over w + d_1 .. w + d_k), 'xsam' "
-            "(||g_k|| times the spherical interpolation between d_k and g_k; see --sam_xsam_alpha), 'gsam' "
-            "(GSAM: g_s minus sam_gsam_alpha times the part of the clean gradient orthogonal to g_s) or 'wsam' "
-            "(WSAM: g + a (g_s - g), a = sam_wsam_gamma / (1 - sam_wsam_gamma)).",
+            "help": (
+                "ASAM: T = |w| + sam_adaptive_eta elementwise for every trainable parameter; each step is a T^2 g / "
+                "||T g||, and 'projected' projects onto ||d / T|| <= rho."
+            ),
+        },
+    )
+    sam_adaptive_eta: float = field(
+        default=_DEFAULTS["adaptive_eta"],
+        metadata={
+            "help": ("The eta of ASAM (>= 0; sam_adaptive only)."),
+        },
+    )
+    sam_descent: str = field(
+        default=_DEFAULTS["descent"],
+        metadata={
+            "help": (
+                "Descent gradient: 'last' (at w + d_k), 'mean' (the mean of the gradients at w + d_1 .. w + d_k), "
+                "'xsam' (||g_k|| u(alpha), the spherical interpolation from d_k (alpha 0) to g_k (alpha 1, SAM's "
+                "descent bit for bit) and beyond; XSAM, arXiv 2603.10048), 'gsam' (GSAM: g_s minus sam_gsam_alpha "
+                "times the part of the clean gradient orthogonal to g_s) or 'wsam' (WSAM: g + a (g_s - g), a = "
+                "sam_wsam_gamma / (1 - sam_wsam_gamma))."
+            ),
             "choices": list(DESCENT_RULES),
         },
     )
     sam_sync_ascent: bool = field(
-        default=False,
-        metadata={"help": "DDP: all-reduce the ascent gradients instead of perturbing per device."},
+        default=_DEFAULTS["sync_ascent"],
+        metadata={
+            "help": (
+                "DDP: all-reduce the ascent gradients (one perturbation for all ranks) instead of perturbing per "
+                "device; required under FSDP2 and DeepSpeed."
+            ),
+        },
     )
     sam_replay_rng: bool = field(
-        default=False,
+        default=_DEFAULTS["replay_rng"],
         metadata={
-            "help": "Replay the clean pass's random state (dropout masks) in every ascent and descent pass, so "
-            "that sam/sharpness measures the perturbation and not dropout noise."
+            "help": (
+                "Run every ascent and descent pass with the clean pass's random state (the same dropout masks), so "
+                "that sam/sharpness measures the perturbation, not dropout noise."
+            ),
         },
     )
     sam_xsam_alpha: float | None = field(
-        default=None,
+        default=_DEFAULTS["xsam_alpha"],
         metadata={
-            "help": "XSAM (--sam_descent xsam): a fixed alpha >= 0 (1 = SAM's descent, 0 = along the ascent), or "
-            "unset to choose it at the first step of every epoch by the largest loss at w + rho_max u(alpha)."
+            "help": (
+                "XSAM (sam_descent xsam only): a fixed alpha >= 0, or unset to choose it at the first step of every "
+                "epoch among 0, 0.1, .., sam_xsam_alpha_max by the largest training loss at w + sam_xsam_rho_max "
+                "u(alpha) (21 forward passes per epoch; saved with checkpoints)."
+            ),
         },
     )
-    sam_xsam_alpha_max: float = field(default=2.0, metadata={"help": "XSAM: the largest alpha of the dynamic choice."})
-    sam_xsam_rho_max: float | None = field(
-        default=None, metadata={"help": "XSAM: the radius of the dynamic choice's points (default 2 * sam_rho)."}
+    sam_xsam_alpha_max: float = field(
+        default=_DEFAULTS["xsam_alpha_max"],
+        metadata={
+            "help": ("XSAM: the largest alpha of the dynamic choice."),
+        },
     )
-    sam_gsam_alpha: float = field(default=0.4, metadata={"help": "GSAM's alpha (>= 0; --sam_descent gsam)."})
+    sam_xsam_rho_max: float | None = field(
+        default=_DEFAULTS["xsam_rho_max"],
+        metadata={
+            "help": ("XSAM: the radius of the dynamic choice's points (unset: 2 sam_rho)."),
+        },
+    )
+    sam_gsam_alpha: float = field(
+        default=_DEFAULTS["gsam_alpha"],
+        metadata={
+            "help": ("GSAM's alpha >= 0 (sam_descent gsam only)."),
+        },
+    )
     sam_wsam_gamma: float = field(
-        default=0.9, metadata={"help": "WSAM's gamma in [0, 1): the sharpness weight is gamma / (1 - gamma)."}
+        default=_DEFAULTS["wsam_gamma"],
+        metadata={
+            "help": ("WSAM's gamma in [0, 1) (sam_descent wsam only): the sharpness weight is gamma / (1 - gamma)."),
+        },
     )
     sam_wsam_decouple: bool = field(
-        default=True,
+        default=_DEFAULTS["wsam_decouple"],
         metadata={
-            "help": "WSAM: the optimizer steps with the clean gradient g and the weights then move by "
-            "-lr a (g_s - g) (true), or the optimizer descends with g + a (g_s - g) (false)."
+            "help": (
+                "WSAM: the optimizer steps with the clean gradient g and the weights then move by -lr a (g_s - g) "
+                "(true), or the optimizer descends with g + a (g_s - g) (false)."
+            ),
         },
     )
     sam_direction: str = field(
-        default="gradient",
+        default=_DEFAULTS["direction"],
         metadata={
-            "help": "Ascent direction: 'gradient' or 'friendly' (F-SAM: the ascent gradient minus "
-            "sam_friendly_sigma times a momentum of the clean gradients).",
+            "help": (
+                "Ascent direction: 'gradient' or 'friendly' (F-SAM: the ascent gradient minus sam_friendly_sigma "
+                "times a momentum of the clean gradients; with sam_descent last)."
+            ),
             "choices": list(DIRECTIONS),
         },
     )
-    sam_friendly_sigma: float = field(default=1.0, metadata={"help": "F-SAM's sigma (>= 0)."})
-    sam_friendly_lambda: float = field(default=0.9, metadata={"help": "F-SAM's momentum lambda in [0, 1)."})
-    sam_every_n_steps: int = field(
-        default=1,
+    sam_friendly_sigma: float = field(
+        default=_DEFAULTS["friendly_sigma"],
         metadata={
-            "help": "SAM at optimizer steps 0, n, 2n, ..; one forward+backward pass at the others (LookSAM's "
-            "schedule; 1 = SAM at every step)."
+            "help": ("F-SAM's sigma >= 0."),
+        },
+    )
+    sam_friendly_lambda: float = field(
+        default=_DEFAULTS["friendly_lambda"],
+        metadata={
+            "help": ("F-SAM's momentum lambda in [0, 1)."),
+        },
+    )
+    sam_every_n_steps: int = field(
+        default=_DEFAULTS["every_n_steps"],
+        metadata={
+            "help": (
+                "SAM at optimizer steps 0, n, 2n, ..; one forward+backward pass (the stock step) at the others (1 = "
+                "SAM at every step)."
+            ),
         },
     )
     sam_reuse_alpha: float = field(
-        default=0.0,
+        default=_DEFAULTS["reuse_alpha"],
         metadata={
-            "help": "LookSAM (with --sam_every_n_steps > 1): add alpha ||g|| / ||g_v|| g_v to the one-pass "
-            "steps' gradient, g_v the part of the last SAM step's g_s orthogonal to its g (0 = plain SAM every n)."
+            "help": (
+                "LookSAM (with sam_every_n_steps > 1): add alpha ||g|| / ||g_v|| g_v to the one-pass steps' gradient, "
+                "g_v the part of the last SAM step's g_s orthogonal to its g (0 = plain SAM every n steps)."
+            ),
         },
     )
     sam_reuse_granularity: str = field(
-        default="global",
+        default=_DEFAULTS["reuse_granularity"],
         metadata={
-            "help": "LookSAM's norms and cosine over the whole gradient ('global', the paper's algorithm 1) or "
-            "per parameter tensor ('tensor', its layer-wise variant).",
+            "help": (
+                "LookSAM's norms and cosine over the whole gradient ('global', the paper's algorithm 1) or per "
+                "parameter tensor ('tensor')."
+            ),
             "choices": list(GRANULARITIES),
         },
     )
     sam_rho_schedule: str = field(
-        default="constant",
+        default=_DEFAULTS["rho_schedule"],
         metadata={
-            "help": "'constant' or 'lr' (GSAM's: rho follows the learning rate, sam_rho at its peak and "
-            "sam_rho_min at its lowest).",
+            "help": (
+                "'constant' or 'lr' (GSAM's: rho_t = rho_min + (rho - rho_min)(lr_t - lr_min)/(lr_max - lr_min) over "
+                "the run's learning-rate schedule, for every method)."
+            ),
             "choices": list(RHO_SCHEDULES),
         },
     )
-    sam_rho_min: float = field(default=0.0, metadata={"help": "The smallest rho of --sam_rho_schedule lr."})
-    sam_method: str = field(
-        default="sam",
+    sam_rho_min: float = field(
+        default=_DEFAULTS["rho_min"],
         metadata={
-            "help": "sam (multi-step SAM with the rules above), lookbehind (Lookbehind-SAM: k ascent steps of "
-            "sam_rho, an optimizer step of fast weights after each, then the weights move by "
-            "sam_lookbehind_alpha towards the fast ones) or msam (Momentum-SAM: one pass at "
-            "w - sam_rho v/||v||, v the optimizer's momentum; k = 1).",
+            "help": ("The smallest rho of sam_rho_schedule lr (in [0, sam_rho])."),
+        },
+    )
+    sam_method: str = field(
+        default=_DEFAULTS["method"],
+        metadata={
+            "help": (
+                "'sam' (multi-step SAM with the rules above), 'lookbehind' (Lookbehind-SAM: k ascent steps of "
+                "sam_rho, an optimizer step of fast weights after each, then the weights move by sam_lookbehind_alpha "
+                "towards the fast ones; its own ascent and descent) or 'msam' (Momentum-SAM: one pass at w - sam_rho "
+                "v/||v||, v the optimizer's momentum; k = 1)."
+            ),
             "choices": list(METHODS),
         },
     )
     sam_lookbehind_alpha: float | None = field(
-        default=0.5,
-        metadata={"help": "Lookbehind's alpha in (0, 1]; unset (None) for the adaptive per-tensor alpha."},
+        default=_DEFAULTS["lookbehind_alpha"],
+        metadata={
+            "help": (
+                "Lookbehind's alpha in (0, 1]; unset (None, in Python or a config file) for the adaptive per-tensor "
+                "alpha."
+            ),
+        },
     )
     sam_start_step: float = field(
-        default=0,
+        default=_DEFAULTS["start_step"],
         metadata={
-            "help": "SAM late in training: plain optimizer steps (the stock Trainer's) before this step, SAM from it "
-            "on. An integer step, or a float in [0, 1) as a fraction of the run's steps (as --warmup_steps)."
+            "help": (
+                "SAM late in training: the optimizer steps before it are the stock Trainer's (one pass each, bit for "
+                "bit), SAM runs from it on. An integer step, or a float in [0, 1) as a fraction of the run's steps, "
+                "rounded up (as --warmup_steps). With sam_every_n_steps the SAM steps are still the multiples of n; "
+                "refused with sam_method lookbehind."
+            ),
         },
     )
     sam_diagnostics: bool = field(
-        default=False,
+        default=_DEFAULTS["diagnostics"],
         metadata={
-            "help": "Log the loss and gradient norm at every ascent point and the cosines between successive "
-            "ascent gradients and between the first ascent and the descent gradient (slower)."
+            "help": (
+                "Also log the loss and gradient norm at every ascent point, the cosines between successive ascent "
+                "gradients and between the first ascent and the descent gradient, and under autocast the "
+                "perturbation's fidelity (slower)."
+            ),
         },
     )
     sam_perturbed_weights: str = field(
-        default="auto",
+        default=_DEFAULTS["perturbed_weights"],
         metadata={
-            "help": "Where the passes' perturbed weights live: 'swap' (a second buffer the parameters point at; "
-            "w is never written, so there is no restore copy), 'copy' (the parameters, after a snapshot) or "
-            "'auto' (swap unless unsafe: FSDP2 shards, tied storage, DeepSpeed, CUDA graphs).",
-            "choices": ["auto", "swap", "copy"],
+            "help": (
+                "Where the passes' perturbed weights live: 'swap' (a second buffer the parameters point at; w is "
+                "never written, so there is no snapshot or restore copy), 'copy' (the parameters, after a snapshot "
+                "that is copied back) or 'auto' (swap, except for FSDP2 shards, parameters sharing storage, DeepSpeed "
+                "and CUDA-graph compile modes, where a parameter's storage must stay put)."
+            ),
+            "choices": list(PERTURBED_WEIGHTS),
         },
     )
 
