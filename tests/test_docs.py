@@ -23,3 +23,12 @@ def test_the_flag_table_lists_every_sam_field_with_its_default():
     for f in dataclasses.fields(SAMConfig):
         default = "unset" if f.default is None else f"`{f.default}`" if isinstance(f.default, str) else str(f.default)
         assert f"| `--sam_{f.name}` | {default} |" in table, f.name
+
+
+def test_the_readme_example_runs_as_it_is(tmp_path, monkeypatch, capsys):
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- runnable example -->\n```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README example", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "sam/sharpness" in printed and (tmp_path / "out").is_dir()
