@@ -157,7 +157,11 @@ def target_summary(table: pd.DataFrame, margin: float = MARGIN) -> list[str]:
     missed = table[~(table["half_width"] <= margin)]
     words = table["verdict"].value_counts()
     counts = ", ".join(f"{n} {word}" for word, n in words.items())
-    lines = [f"{len(table) - len(missed)} of {len(table)} intervals are within ±{100 * margin:g} point ({counts})."]
+    # (a half-width, not the equivalence verdict, which needs the whole interval inside the margin)
+    lines = [
+        f"{len(table) - len(missed)} of {len(table)} intervals have a half-width of at most {100 * margin:g} point "
+        f"({counts})."
+    ]
     if missed.empty:
         return lines
     lines.append(

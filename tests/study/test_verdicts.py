@@ -77,7 +77,7 @@ def test_target_summary_names_the_misses_and_the_seeds_they_need():
     wide = [0.82, 0.80, 0.81, 0.86]
     table = verdict_table(_runs({"sam": sam, "xsam-k3": wide}))
     lines = target_summary(table)
-    assert lines[0].startswith("0 of 1 intervals are within ±1 point")
+    assert lines[0].startswith("0 of 1 intervals have a half-width of at most 1 point")
     sd = table.iloc[0]["sd"]
     need = seeds_needed(sd)
     assert f"about {need} seeds" in lines[-1]
