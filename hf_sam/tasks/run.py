@@ -147,12 +147,16 @@ def run_classification(
 
 def forward_backward_passes(trainer: SAMTrainer) -> int:
     """Forward+backward passes the training took, per process, resumed steps included: per micro-batch
-    k + 1 on SAM steps, one on the steps between them (sam_every_n_steps), one for MSAM and without SAM."""
+    k + 1 on SAM steps, one on the steps between them (sam_every_n_steps) and before sam_start_step, one for
+    MSAM and without SAM."""
     config, steps = trainer.sam_config, trainer.state.global_step
     if config.ascent_steps == 0 or config.method == "msam":
         per_step = [1] * steps
     else:
-        per_step = [config.ascent_steps + 1 if t % config.every_n_steps == 0 else 1 for t in range(steps)]
+        first = config.first_sam_step(trainer.state.max_steps)
+        per_step = [
+            config.ascent_steps + 1 if t >= first and t % config.every_n_steps == 0 else 1 for t in range(steps)
+        ]
     return int(sum(per_step) * trainer.args.gradient_accumulation_steps)
 
 

@@ -44,6 +44,9 @@ def test_plain_steps_then_sam_steps(tmp_path, start, first_sam):
         torch.testing.assert_close(flatten(after), want, rtol=0, atol=1e-12, msg=f"step {step}")
         assert not torch.equal(after["fc1.weight"], stock[step + 1]["fc1.weight"]), "SAM's step is not the stock one"
     assert [entry["sam/passes"] for entry in logs] == [1.0] * first_sam + [K + 1.0] * (STEPS - first_sam)
+    from hf_sam.tasks.run import forward_backward_passes  # what the study records for the run
+
+    assert forward_backward_passes(trainer) == first_sam + (K + 1) * (STEPS - first_sam)
     stock_flos = _run(tmp_path / "stock2", plain_trainer)[2].state.total_flos
     assert trainer.state.total_flos == pytest.approx(stock_flos * (first_sam + (K + 1) * (STEPS - first_sam)) / STEPS)
 
