@@ -7,7 +7,7 @@
         --model_name_or_path bert-base-uncased --output_dir out/sst2 --do_train --do_eval
 
 A single .json or .yaml argument is read as a config file. Every TrainingArguments flag and every
---sam_* flag works.
+--sam_* flag works; --use_peft --lora_r 8 (TRL's and PEFT's names) trains LoRA adapters and the head.
 """
 
 from hf_sam.tasks.run import main

@@ -41,6 +41,25 @@ class ModelArguments:
     ignore_mismatched_sizes: bool = field(
         default=True, metadata={"help": "Replace a pretrained classification head of another size."}
     )
+    # LoRA, with the flag names of TRL's ModelConfig and PEFT's examples
+    use_peft: bool = field(
+        default=False,
+        metadata={"help": "Train LoRA adapters (PEFT) and the classification head; the rest of the model frozen."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module names to adapt (e.g. query value); unset: PEFT's default for the architecture (BERT: "
+            "query and value). Models PEFT has no default for (ResNet) need it."
+        },
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules trained in full beside the adapters (default: the classification head)."},
+    )
 
 
 @dataclass

@@ -68,3 +68,28 @@ def pretrained(auto_class, name: str, offline_choice: str, model_args: ModelArgu
         **hub_kwargs(model_args),
         **kwargs,
     )
+
+
+# the classification heads of the architectures the tasks build (trained in full beside the adapters)
+HEAD_NAMES = ("classifier", "score")
+
+
+def with_lora(model, model_args: ModelArguments):
+    """``model`` with LoRA adapters (PEFT) when ``--use_peft`` is set: the adapters and the classification head
+    train, the rest is frozen. Without the flag, the model as it is."""
+    if not model_args.use_peft:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    heads = [name for name in HEAD_NAMES if hasattr(model, name)]
+    config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules,
+        modules_to_save=model_args.lora_modules_to_save or heads,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:  # no default target modules for this architecture
+        raise ValueError(f"--use_peft: {err} Name them with --lora_target_modules.") from err

@@ -17,6 +17,7 @@ from ..trainer.compat import declare_loss_unscaled
 from ..trainer.mixin import SAMTrainer
 from .arguments import DataArguments, ModelArguments
 from .hub import HubUnavailableError
+from .models import with_lora
 
 logger = logging.getLogger(__name__)
 TASK_KINDS = ("image", "text")
@@ -82,6 +83,7 @@ def build_trainer(
         training_args.remove_unused_columns = False
     prepare = prepare_image_task if kind == "image" else prepare_text_task
     task = prepare(model_args, data_args, seed=training_args.seed)
+    task.model = with_lora(task.model, model_args)
     trainer = SAMTrainer(
         model=task.model,
         args=training_args,

@@ -10,6 +10,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from hf_sam.tasks import DataArguments, ModelArguments, load_embedded
@@ -346,3 +347,42 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     # one-process scale (about ln 10 for 10 untrained classes), not twice it
     first = state["log_history"][0]
     assert 1.9 < first["sam/loss_clean"] < 2.8 and 1.9 < first["loss"] < 2.8
+
+
+def test_text_script_trains_lora_adapters_with_sam(tmp_path):
+    """--use_peft (TRL's and PEFT's flag names): the adapters and the head train with SAM, the base is frozen."""
+    from hf_sam.tasks.arguments import DataArguments, ModelArguments
+    from hf_sam.tasks.run import build_trainer
+    from hf_sam.trainer.args import SAMTrainingArguments
+
+    model_args = ModelArguments(
+        model_type="bert", tokenizer_name="embedded:minilm", config_overrides=TINY_BERT, use_peft=True, lora_r=4
+    )
+    data_args = DataArguments(dataset_name="embedded:rotten_tomatoes", max_seq_length=32, max_train_samples=64)
+    args = SAMTrainingArguments(
+        output_dir=str(tmp_path / "out"), do_train=True, max_steps=3, per_device_train_batch_size=16, use_cpu=True,
+        report_to="none", sam_ascent_steps=2, learning_rate=1e-2, logging_steps=1,
+    )  # fmt: skip
+    trainer, _ = build_trainer("text", model_args, data_args, args)
+    params = dict(trainer.model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    assert trainable and all("lora_" in n or "classifier" in n for n in trainable), sorted(trainable)
+    assert any("lora_A" in n for n in trainable) and any("classifier" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    trainer.train()
+    moved = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and moved <= trainable, "only adapters and the head move"
+    assert trainer.state.log_history[0]["sam/passes"] == 3.0
+
+
+def test_lora_on_a_model_peft_has_no_default_for_asks_for_target_modules():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from hf_sam.tasks.arguments import ModelArguments
+    from hf_sam.tasks.models import with_lora
+
+    model = ResNetForImageClassification(ResNetConfig(hidden_sizes=[8, 16], depths=[1, 1], embedding_size=8))
+    with pytest.raises(ValueError, match="--lora_target_modules"):
+        with_lora(model, ModelArguments(model_type="resnet", use_peft=True))
+    adapted = with_lora(model, ModelArguments(model_type="resnet", use_peft=True, lora_target_modules=["convolution"]))
+    assert any("lora_" in n for n, p in adapted.named_parameters() if p.requires_grad)
