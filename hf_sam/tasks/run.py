@@ -18,6 +18,7 @@ from ..trainer.mixin import SAMTrainer
 from .arguments import DataArguments, ModelArguments
 from .hub import HubUnavailableError
 from .models import with_lora
+from .pretrained_vision import EMBEDDED_RESNET, ensure_checkpoint
 
 logger = logging.getLogger(__name__)
 TASK_KINDS = ("image", "text")
@@ -81,6 +82,8 @@ def build_trainer(
     if kind == "image" and training_args.remove_unused_columns:
         # the on-the-fly image transform needs the raw image column the model does not take
         training_args.remove_unused_columns = False
+    if model_args.model_name_or_path == EMBEDDED_RESNET:  # pretrained here once, then a local checkpoint
+        model_args.model_name_or_path = str(ensure_checkpoint())
     prepare = prepare_image_task if kind == "image" else prepare_text_task
     task = prepare(model_args, data_args, seed=training_args.seed)
     task.model = with_lora(task.model, model_args)

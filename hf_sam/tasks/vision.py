@@ -14,7 +14,10 @@ from .data import label_names, load_raw_datasets
 from .models import apply_overrides, label_maps, parse_config_overrides, pretrained
 
 IMAGE_COLUMNS = ("image", "img", "pixel_values", "picture")
-OFFLINE_MODEL = "--model_type vit or --model_type resnet (a model built from its config)"
+OFFLINE_MODEL = (
+    "--model_type vit or --model_type resnet (a model built from its config), or --model_name_or_path "
+    "embedded:resnet-mnist5k (a small ResNet pretrained here on MNIST-5k)"
+)
 
 
 def to_uint8_array(image: Any) -> np.ndarray:

@@ -386,3 +386,30 @@ def test_lora_on_a_model_peft_has_no_default_for_asks_for_target_modules():
         with_lora(model, ModelArguments(model_type="resnet", use_peft=True))
     adapted = with_lora(model, ModelArguments(model_type="resnet", use_peft=True, lora_target_modules=["convolution"]))
     assert any("lora_" in n for n, p in adapted.named_parameters() if p.requires_grad)
+
+
+def test_embedded_pretrained_resnet_is_built_once_and_fine_tuned(tmp_path, monkeypatch):
+    """embedded:resnet-mnist5k: trained here on MNIST-5k (one epoch for the test), cached with its record, read
+    back without a rebuild, and loaded as the starting point of a fine-tuning run on the 8x8 digits."""
+    from safetensors.torch import load_file
+
+    from hf_sam.tasks import pretrained_vision
+    from hf_sam.tasks.arguments import DataArguments, ModelArguments
+    from hf_sam.tasks.run import build_trainer
+    from hf_sam.trainer.args import SAMTrainingArguments
+
+    monkeypatch.setenv("HF_SAM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(pretrained_vision.RECIPE, "num_train_epochs", 1)
+    record = pretrained_vision.pretraining_record()
+    folder = pretrained_vision.checkpoint_dir()
+    assert record["source"] == "embedded:mnist5k" and record["validation_accuracy"] > 0.8, record
+    assert record["optimizer_steps"] > 0 and (folder / "config.json").exists()
+    built = (folder / "pretraining.json").stat().st_mtime_ns
+    assert pretrained_vision.ensure_checkpoint() == folder and (folder / "pretraining.json").stat().st_mtime_ns == built
+    args = SAMTrainingArguments(output_dir=str(tmp_path / "ft"), do_train=True, use_cpu=True, report_to="none")
+    model_args = ModelArguments(model_name_or_path="embedded:resnet-mnist5k")
+    trainer, task = build_trainer("image", model_args, DataArguments(dataset_name="embedded:digits"), args)
+    saved = load_file(str(folder / "model.safetensors"))
+    state = trainer.model.state_dict()
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in saved)
+    assert tuple(task.train_dataset[0]["pixel_values"].shape) == (1, 28, 28), "digits resized to MNIST's size"
