@@ -285,3 +285,15 @@ def test_sam_late_in_training_reaches_the_trainer_as_sam_start_step(tmp_path):
     args = _training_args(config, run, tmp_path, {})
     assert (args.sam_start_step, args.sam_ascent_steps) == (0.5, 2)
     assert args.sam_config.first_sam_step(10) == 5
+
+
+def test_the_finetune_preset_fine_tunes_pretrained_models_on_few_examples():
+    from hf_sam.study.grid import TASKS
+
+    config = StudyConfig.from_preset("finetune")
+    tasks = [TASKS[name] for name in config.tasks]
+    assert {t.kind for t in tasks} == {"text", "image"}
+    assert all(t.model.get("model_name_or_path", "").startswith("embedded:") for t in tasks), "pretrained, no hub"
+    assert all(t.data["max_train_samples"] <= 1000 for t in tasks)
+    assert any(t.model.get("use_peft") for t in tasks) and any(t.data.get("label_noise") for t in tasks)
+    assert "late50-k1" in config.methods and set(config.budgets) == {"epochs", "compute"}
