@@ -68,6 +68,7 @@ def ensure_checkpoint() -> Path:
 def _pretrain(folder: Path) -> dict[str, Any]:
     from transformers import ViTImageProcessor, set_seed
 
+    from ..metrics import build_compute_metrics
     from ..trainer.args import SAMTrainingArguments
     from ..trainer.mixin import SAMTrainer
     from .arguments import DataArguments, ModelArguments
@@ -93,7 +94,7 @@ def _pretrain(folder: Path) -> dict[str, Any]:
     )
     trainer = SAMTrainer(
         model=task.model, args=args, train_dataset=task.train_dataset, data_collator=collate_images,
-        compute_metrics=_accuracy,
+        compute_metrics=build_compute_metrics(("accuracy",)),
     )  # fmt: skip
     trainer.train()
     accuracy = trainer.evaluate(eval_dataset=task.eval_dataset)["eval_accuracy"]
@@ -110,10 +111,3 @@ def _pretrain(folder: Path) -> dict[str, Any]:
         "optimizer_steps": trainer.state.global_step,
         "validation_accuracy": round(float(accuracy), 4),
     }
-
-
-def _accuracy(prediction) -> dict[str, float]:
-    import numpy as np
-
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}

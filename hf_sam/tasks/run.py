@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..metrics import load_metric
+from ..metrics import build_compute_metrics
 from ..trainer.args import SAMTrainingArguments
 from ..trainer.compat import declare_loss_unscaled
 from ..trainer.mixin import SAMTrainer
@@ -35,22 +35,6 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
         return parser.parse_yaml_file(yaml_file=os.path.abspath(argv[0]))
     return parser.parse_args_into_dataclasses(args=argv)
-
-
-def build_compute_metrics(metric_names: tuple[str, ...]):
-    metrics = [load_metric(name) for name in metric_names]
-
-    def compute_metrics(prediction) -> dict[str, float]:
-        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        predicted = np.argmax(logits, axis=-1)
-        out: dict[str, float] = {}
-        if prediction.label_ids is None:
-            return out
-        for metric in metrics:
-            out.update(metric.compute(predictions=predicted, references=prediction.label_ids))
-        return out
-
-    return compute_metrics
 
 
 def _resume_target(training_args: SAMTrainingArguments) -> str | bool | None:

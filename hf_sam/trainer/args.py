@@ -21,7 +21,7 @@ from ..config import (
     RHO_SCHEDULES,
     SAMConfig,
 )
-from .checks import in_backward_refusal, steps_in_backward
+from .checks import check_optim_name
 
 # each sam_* field's default is SAMConfig's (written once, there); its help is the flag reference's text
 # (docs/usage.md's table is generated from these fields: python -m hf_sam.trainer.flag_table)
@@ -290,9 +290,8 @@ class SAMArgumentsMixin:
     def __post_init__(self) -> None:
         # Validate the SAM knobs first: they are cheap and the error should come before anything else.
         config = self.sam_config  # raises ValueError naming the sam_* field
-        optim = getattr(self, "optim", None)
-        if config.ascent_steps >= 1 and steps_in_backward(optim):  # before the optimizer's package is asked for
-            raise ValueError(in_backward_refusal(f"optim={getattr(optim, 'value', optim)!r}"))
+        if config.ascent_steps >= 1:  # before the optimizer's package is asked for
+            check_optim_name(getattr(self, "optim", None))
         parent = super()
         if hasattr(parent, "__post_init__"):
             parent.__post_init__()

@@ -15,9 +15,7 @@ _FULL_PRECISION = (torch.float32, torch.float64)
 def check_launch(trainer) -> None:
     """DeepSpeed and FSDP2 without a synchronized ascent, FSDP1, DataParallel, and what DeepSpeed cannot make
     exact yet, optimizers that step inside backward: refuse with the reason and what to use instead."""
-    optim = getattr(trainer.args, "optim", None)
-    if steps_in_backward(optim):  # (SAMTrainingArguments refuse it already; sam_config beside plain arguments)
-        raise ValueError(in_backward_refusal(f"optim={getattr(optim, 'value', optim)!r}"))
+    check_optim_name(getattr(trainer.args, "optim", None))  # (sam_config beside plain TrainingArguments)
     if trainer.is_deepspeed_enabled:
         from .deepspeed import check_deepspeed
 
@@ -164,6 +162,12 @@ def steps_in_backward(optim: object) -> bool:
     and the layer-wise GaLore and APOLLO variants: a hook updates each parameter as its gradient arrives)."""
     name = str(getattr(optim, "value", optim))
     return name in ("lomo", "adalomo") or name.endswith("_layerwise")
+
+
+def check_optim_name(optim: object) -> None:
+    """Refuse a TrainingArguments ``optim`` value that names an optimizer stepping inside backward."""
+    if steps_in_backward(optim):
+        raise ValueError(in_backward_refusal(f"optim={getattr(optim, 'value', optim)!r}"))
 
 
 def in_backward_refusal(what: str) -> str:
