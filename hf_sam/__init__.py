@@ -3,7 +3,7 @@
 from typing import Any
 
 from .config import SAMConfig
-from .engine import LookbehindSAM, MultiStepAscent
+from .engine import LookbehindSAM, MultiStepAscent, Refusal, Variant, option, register
 from .trainer import (
     SAMArgumentsMixin,
     SAMMixin,
@@ -31,6 +31,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "LookbehindSAM",
     "MultiStepAscent",
+    "Refusal",
     "SAMArgumentsMixin",
     "SAMConfig",
     "SAMMixin",
@@ -38,6 +39,9 @@ __all__ = [
     "SAMSeq2SeqTrainingArguments",
     "SAMTrainer",
     "SAMTrainingArguments",
+    "Variant",
+    "option",
+    "register",
     "upcast_trainable_parameters",
     "__version__",
     *_TRL_NAMES,

@@ -1,96 +1,134 @@
-"""SAMConfig: every multi-step SAM knob, validated in one place."""
+"""SAMConfig: every multi-step SAM knob, validated in one place.
+
+The core knobs are declared here; the options of each variant (GSAM's alpha, XSAM's, F-SAM's sigma, ...) are
+declared with the variant in the registry (:mod:`hf_sam.engine.variants`) and become fields of SAMConfig through
+its bases. The ``sam_*`` fields of every CLI are generated from these fields (:mod:`hf_sam.trainer.args`).
+"""
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-from .config_family import DIRECTIONS, GRANULARITIES, RHO_SCHEDULES, validate_family
-from .engine import rules
+from . import engine  # noqa: F401  (declares the built-in variants)
+from .config_family import GRANULARITIES, RHO_SCHEDULES, validate_family
+from .engine import variants
 from .engine.moved_weights import MODES as PERTURBED_WEIGHTS
 
-ASCENT_RULES = rules.RULES
-__all__ = ["ASCENT_RULES", "DESCENT_RULES", "DIRECTIONS", "GRANULARITIES", "METHODS", "RHO_SCHEDULES", "SAMConfig"]
-METHODS = ("sam", "lookbehind", "msam")
-DESCENT_RULES = ("last", "mean", "xsam", "gsam", "wsam")
+__all__ = ["GRANULARITIES", "PERTURBED_WEIGHTS", "RHO_SCHEDULES", "SAMConfig", "VARIANT_KINDS"]
+# the fields that name a registered variant, by kind
+VARIANT_KINDS = ("ascent_rule", "descent", "direction", "method")
+_DEFAULT_VARIANT = {"ascent_rule": "normalized", "descent": "last", "direction": "gradient", "method": "sam"}
+
+
+def _knob(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = list(choices)
+    return field(default=default, metadata=metadata)
+
+
+def _chosen(kind: str, help: str) -> Any:
+    """A field naming a registered variant: its help lists the built-in ones with their summaries."""
+    listed = "; ".join(f"'{v.name}': {v.summary}" for v in variants.variants(kind))
+    text = f"{help} {listed}; or a variant registered with hf_sam.register."
+    return field(default=_DEFAULT_VARIANT[kind], metadata={"help": text, "choices": variants.RegisteredNames(kind)})
+
+
+# a variant's options are declared once, with the variant; SAMConfig inherits them (built-ins only: a user's
+# variant takes its options through ``options``)
+_OPTION_BASES = tuple(dict.fromkeys(v.options for v in variants.builtin_variants() if v.options is not None))
 
 
 @dataclass
-class SAMConfig:
-    """The multi-step SAM hyper-parameters, without the ``sam_`` prefix of the CLI.
+class _CoreKnobs:
+    """The knobs of every SAM step (the variants' options follow them in :class:`SAMConfig`)."""
 
-    ascent_steps: k >= 0 ascent passes before the descent pass; 0 is plain training.
-    rho: radius of the neighbourhood (> 0 when k >= 1).
-    ascent_rule: "normalized" (step rho/k), "projected" (step step_mult*rho, then project
-        onto the rho-ball) or "accumulated" (step rho, no projection).
-    step_mult: step size of "projected" in units of rho.
-    adaptive: ASAM, scale by T = |w| + adaptive_eta elementwise.
-    descent: "last" (gradient at w+d_k), "mean" (mean of the gradients at w+d_1..w+d_k),
-        "xsam" (||g_k|| times the spherical interpolation u(alpha) between d_k and g_k, XSAM),
-        "gsam" (GSAM: g_s - gsam_alpha times the part of the clean gradient g orthogonal to g_s) or
-        "wsam" (WSAM: g + a (g_s - g), a = wsam_gamma / (1 - wsam_gamma); with wsam_decouple the
-        optimizer steps with g and the weights then move by -lr a (g_s - g)).
-    gsam_alpha, wsam_gamma, wsam_decouple: GSAM's alpha (>= 0), WSAM's gamma in [0, 1) and mode.
-    direction: "gradient" or "friendly" (F-SAM: every ascent gradient minus friendly_sigma times a
-        momentum m of the clean gradients, m <- friendly_lambda m + (1 - friendly_lambda) g).
-    friendly_sigma, friendly_lambda: F-SAM's sigma (>= 0) and lambda in [0, 1).
-    every_n_steps: optimizer steps 0, n, 2n, .. are SAM steps; the others make one pass (LookSAM's
-        schedule); reuse_alpha > 0 adds reuse_alpha ||g|| / ||g_v|| g_v to those, g_v the part of
-        the last SAM step's g_s orthogonal to its g, over all tensors or per tensor
-        (reuse_granularity "global" or "tensor").
-    rho_schedule: "constant" or "lr" (GSAM's: rho_t = rho_min + (rho - rho_min) (lr_t - lr_min) /
-        (lr_max - lr_min) over the run's learning-rate schedule), with rho_min in [0, rho].
-    xsam_alpha: XSAM's fixed alpha (>= 0; 1 is SAM's descent), or None to choose it at the first
-        optimizer step of every epoch among 0, 0.1, .., xsam_alpha_max by the largest loss at
-        w + xsam_rho_max u(alpha).
-    xsam_alpha_max: the largest alpha of the dynamic choice.
-    xsam_rho_max: the radius of the dynamic choice's points (None: 2 rho).
-    method: "sam" (everything above), "lookbehind" (Lookbehind-SAM: k ascent steps of rho, an
-        optimizer step of fast weights after each, then the slow weights move by lookbehind_alpha
-        towards the fast ones; see :mod:`hf_sam.engine.lookbehind`) or "msam" (Momentum-SAM: one
-        pass at w - rho v / ||v||, v the optimizer's momentum; k = 1).
-    lookbehind_alpha: Lookbehind's alpha in (0, 1], or None for the adaptive per-tensor alpha.
-    start_step: SAM late in training: optimizer steps before it are the stock Trainer's (one pass), SAM
-        runs from it on; an integer step, or a float in [0, 1) as a fraction of the run's steps (rounded
-        up, as ``warmup_steps``). 0: SAM from the first step.
-    sync_ascent: under DDP, all-reduce the ascent gradients (one perturbation for all ranks).
-    replay_rng: run every ascent and descent pass with the random state of the clean pass (the same
-        dropout masks), so that the loss difference is the perturbation's alone.
-    diagnostics: log the loss and gradient norm at every ascent point and the cosines between
-        the ascent and descent gradients (costs two gradient copies and a few reductions).
-    perturbed_weights: where the passes' perturbed weights live: "swap" (a second buffer the
-        parameters point at, w never written: no restore copy), "copy" (the parameters themselves,
-        after a snapshot) or "auto" (swap where it is safe; see :mod:`hf_sam.engine.moved_weights`).
-    """
+    ascent_steps: int = _knob(
+        1,
+        "Number k >= 0 of ascent steps before the descent. 0 = no ascent: exactly the stock Trainer (the baseline "
+        "of every comparison).",
+    )
+    rho: float = _knob(0.05, "Radius rho > 0 of the neighbourhood.")
+    ascent_rule: str = _chosen("ascent_rule", "How each ascent step is taken.")
+    adaptive: bool = _knob(
+        False,
+        "ASAM: T = |w| + sam_adaptive_eta elementwise for every trainable parameter; each step is a T^2 g / "
+        "||T g||, and 'projected' projects onto ||d / T|| <= rho.",
+    )
+    adaptive_eta: float = _knob(0.01, "The eta of ASAM (>= 0; sam_adaptive only).")
+    descent: str = _chosen("descent", "Which gradient the descent step takes.")
+    direction: str = _chosen("direction", "The vector each ascent step normalizes.")
+    method: str = _chosen("method", "The whole step.")
+    options: dict | str | None = _knob(
+        None,
+        "The options of a variant registered with hf_sam.register (a dict, or its JSON on the command line, as "
+        "--lr_scheduler_kwargs); a built-in variant's options are flags of their own.",
+    )
+    sync_ascent: bool = _knob(
+        False,
+        "DDP: all-reduce the ascent gradients (one perturbation for all ranks) instead of perturbing per device; "
+        "required under FSDP2 and DeepSpeed.",
+    )
+    replay_rng: bool = _knob(
+        False,
+        "Run every ascent and descent pass with the clean pass's random state (the same dropout masks), so that "
+        "sam/sharpness measures the perturbation, not dropout noise.",
+    )
+    diagnostics: bool = _knob(
+        False,
+        "Also log the loss and gradient norm at every ascent point, the cosines between successive ascent "
+        "gradients and between the first ascent and the descent gradient, and under autocast the perturbation's "
+        "fidelity (slower).",
+    )
+    every_n_steps: int = _knob(
+        1,
+        "SAM at optimizer steps 0, n, 2n, ..; one forward+backward pass (the stock step) at the others (1 = SAM at "
+        "every step).",
+    )
+    reuse_alpha: float = _knob(
+        0.0,
+        "LookSAM (with sam_every_n_steps > 1): add alpha ||g|| / ||g_v|| g_v to the one-pass steps' gradient, g_v "
+        "the part of the last SAM step's g_s orthogonal to its g (0 = plain SAM every n steps).",
+    )
+    reuse_granularity: str = _knob(
+        "global",
+        "LookSAM's norms and cosine over the whole gradient ('global', the paper's algorithm 1) or per parameter "
+        "tensor ('tensor').",
+        GRANULARITIES,
+    )
+    rho_schedule: str = _knob(
+        "constant",
+        "'constant' or 'lr' (GSAM's: rho_t = rho_min + (rho - rho_min)(lr_t - lr_min)/(lr_max - lr_min) over the "
+        "run's learning-rate schedule, for every method).",
+        RHO_SCHEDULES,
+    )
+    rho_min: float = _knob(0.0, "The smallest rho of sam_rho_schedule lr (in [0, sam_rho]).")
+    start_step: float = _knob(
+        0,
+        "SAM late in training: the optimizer steps before it are the stock Trainer's (one pass each, bit for bit), "
+        "SAM runs from it on. An integer step, or a float in [0, 1) as a fraction of the run's steps, rounded up "
+        "(as --warmup_steps). With sam_every_n_steps the SAM steps are still the multiples of n; refused with "
+        "sam_method lookbehind.",
+    )
+    perturbed_weights: str = _knob(
+        "auto",
+        "Where the passes' perturbed weights live: 'swap' (a second buffer the parameters point at; w is never "
+        "written, so there is no snapshot or restore copy), 'copy' (the parameters, after a snapshot that is "
+        "copied back) or 'auto' (swap, except for FSDP2 shards, parameters sharing storage, DeepSpeed and "
+        "CUDA-graph compile modes, where a parameter's storage must stay put).",
+        PERTURBED_WEIGHTS,
+    )
 
-    ascent_steps: int = 1
-    rho: float = 0.05
-    ascent_rule: str = "normalized"
-    step_mult: float = 1.0
-    adaptive: bool = False
-    adaptive_eta: float = 0.01
-    descent: str = "last"
-    sync_ascent: bool = False
-    replay_rng: bool = False
-    diagnostics: bool = False
-    xsam_alpha: float | None = None
-    xsam_alpha_max: float = 2.0
-    xsam_rho_max: float | None = None
-    method: str = "sam"
-    lookbehind_alpha: float | None = 0.5
-    gsam_alpha: float = 0.4
-    wsam_gamma: float = 0.9
-    wsam_decouple: bool = True
-    direction: str = "gradient"
-    friendly_sigma: float = 1.0
-    friendly_lambda: float = 0.9
-    every_n_steps: int = 1
-    reuse_alpha: float = 0.0
-    reuse_granularity: str = "global"
-    rho_schedule: str = "constant"
-    rho_min: float = 0.0
-    perturbed_weights: str = "auto"
-    start_step: float = 0
+
+# the core knobs first, then each built-in variant's options in declared order (a dataclass lists its bases' fields
+# from the last base of its MRO)
+@dataclass
+class SAMConfig(*reversed(_OPTION_BASES), _CoreKnobs):
+    """The multi-step SAM hyper-parameters, without the ``sam_`` prefix of the CLI. Each field's meaning is its
+    ``metadata["help"]``, the text of its ``--sam_<name>`` flag and of the flag reference in docs/usage.md."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -106,7 +144,7 @@ class SAMConfig:
             fail("ascent_steps", k, "it must be an integer >= 0 (0 = plain training)")
         if k < 0:
             fail("ascent_steps", k, "it must be an integer >= 0 (0 = plain training)")
-        for name in ("rho", "step_mult", "adaptive_eta"):
+        for name in ("rho", "adaptive_eta"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 fail(name, value, "it must be a number")
@@ -118,39 +156,100 @@ class SAMConfig:
             fail("rho", self.rho, "it must be >= 0")
         if self.perturbed_weights not in PERTURBED_WEIGHTS:
             fail("perturbed_weights", self.perturbed_weights, f"allowed values are {', '.join(PERTURBED_WEIGHTS)}")
-        if self.ascent_rule not in ASCENT_RULES:
-            fail("ascent_rule", self.ascent_rule, f"allowed values are {', '.join(ASCENT_RULES)}")
-        if self.descent not in DESCENT_RULES:
-            fail("descent", self.descent, f"allowed values are {', '.join(DESCENT_RULES)}")
-        if not self.step_mult > 0:
-            fail("step_mult", self.step_mult, "it must be > 0")
         if self.adaptive_eta < 0:
             fail("adaptive_eta", self.adaptive_eta, "it must be >= 0")
-        for name in ("adaptive", "sync_ascent", "replay_rng", "diagnostics", "wsam_decouple"):
+        for name in ("adaptive", "sync_ascent", "replay_rng", "diagnostics"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, getattr(self, name), "it must be True or False")
-        # Options that only mean something for another setting: refuse rather than ignore silently.
-        if self.step_mult != 1.0 and self.ascent_rule != "projected":
-            fail(
-                "step_mult",
-                self.step_mult,
-                f"it is used only by {prefix}ascent_rule='projected' (got {self.ascent_rule!r}); "
-                "leave it at 1.0 or switch the rule",
-            )
         if self.adaptive_eta != 0.01 and not self.adaptive:
             fail(
                 "adaptive_eta",
                 self.adaptive_eta,
                 f"it is used only by ASAM ({prefix}adaptive=True); leave it at 0.01 or turn ASAM on",
             )
-        if k == 0 and self.descent in ("mean", "xsam"):
-            fail("descent", self.descent, f"'{self.descent}' needs {prefix}ascent_steps >= 1")
-        self._validate_xsam(fail, prefix)
+        self._validate_variants(fail, prefix)
         self._validate_start_step(fail, prefix)
         validate_family(self, fail, prefix)
         self._validate_method(fail, prefix)
         if k == 0 and self.adaptive:
             fail("adaptive", self.adaptive, f"ASAM needs {prefix}ascent_steps >= 1")
+
+    def _validate_variants(self, fail, prefix: str) -> None:
+        """Each chosen variant is registered, has its options in range, and gets an ascent when it needs one; an
+        option of a variant not chosen is refused rather than ignored silently."""
+        chosen = {kind: self.variant(kind, fail) for kind in VARIANT_KINDS}
+        for variant in variants.builtin_variants():  # every option in its range, chosen or not
+            variant.make_options({f.name: getattr(self, f.name) for f in variant.option_fields()}, fail, prefix)
+        for variant in variants.builtin_variants():
+            if chosen[variant.kind] is variant:
+                continue
+            for f in variant.option_fields():
+                if getattr(self, f.name) != f.default:
+                    fail(f.name, getattr(self, f.name), f"it is used only by {prefix}{variant.kind}='{variant.name}'")
+        extra = self.user_options(fail)
+        claimed: set[str] = set()
+        for kind in VARIANT_KINDS:
+            self.variant_options(kind, fail, prefix, extra)
+            if not variants.is_builtin(chosen[kind]):
+                claimed |= {f.name for f in chosen[kind].option_fields()}
+        for name, value in extra.items():
+            if name not in claimed:
+                fail(f"options['{name}']", value, "no chosen variant registered by the user takes it")
+        if self.ascent_steps == 0:
+            for kind, variant in chosen.items():
+                if variant.needs_ascent:
+                    fail(kind, variant.name, f"it needs {prefix}ascent_steps >= 1")
+
+    def variant(self, kind: str, fail=None) -> variants.Variant:
+        """The registered variant this config chooses for ``kind`` (a field of :data:`VARIANT_KINDS`)."""
+        try:
+            return variants.lookup(kind, getattr(self, kind))
+        except ValueError:
+            if fail is None:
+                raise
+            fail(kind, getattr(self, kind), f"allowed values are {', '.join(variants.names(kind))}")
+            raise
+
+    def user_options(self, fail=None) -> dict[str, Any]:
+        """``options`` as a dict (a JSON string from a command line is parsed)."""
+        options = self.options
+        if options is None:
+            return {}
+        if isinstance(options, str):
+            try:
+                options = json.loads(options)
+            except json.JSONDecodeError as error:
+                if fail is None:
+                    raise
+                fail("options", self.options, f"it must be a JSON object ({error})")
+        if not isinstance(options, dict):
+            if fail is None:
+                raise TypeError("options must be a dict")
+            fail("options", self.options, "it must be a dict (or a JSON object)")
+        return dict(options)
+
+    def variant_options(self, kind: str, fail=None, prefix: str = "", extra: dict | None = None) -> Any:
+        """The options object of the chosen ``kind`` variant (checked): a built-in's from this config's fields, a
+        user's from ``options``."""
+        variant = self.variant(kind)
+        if fail is None:
+
+            def fail(name: str, value: object, allowed: str) -> None:
+                raise ValueError(f"{prefix}{name}={value!r} is invalid: {allowed}.")
+
+        if variants.is_builtin(variant):
+            values = {f.name: getattr(self, f.name) for f in variant.option_fields()}
+            return variant.make_options(values, fail, prefix)
+        given = self.user_options(fail) if extra is None else extra
+        values = {f.name: given[f.name] for f in variant.option_fields() if f.name in given}
+        outer = fail
+        return variant.make_options(
+            values, lambda name, value, allowed: outer(f"options['{name}']", value, allowed), prefix
+        )
+
+    def build(self, kind: str) -> Any:
+        """The object the engine calls for ``kind`` ("ascent_rule", "descent" or "direction"), with its options."""
+        return self.variant(kind).build(self.variant_options(kind), self.rho)
 
     def _validate_start_step(self, fail, prefix: str) -> None:
         start = self.start_step
@@ -172,54 +271,28 @@ class SAMConfig:
         return int(start) if start >= 1 or start == 0 else math.ceil(max_steps * start)
 
     def _validate_method(self, fail, prefix: str) -> None:
-        if self.method not in METHODS:
-            fail("method", self.method, f"allowed values are {', '.join(METHODS)}")
-        alpha = self.lookbehind_alpha
-        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1):
-            fail("lookbehind_alpha", alpha, "it must be in (0, 1], or None for the adaptive alpha")
-        if self.method != "lookbehind" and alpha != 0.5:
-            fail("lookbehind_alpha", alpha, f"it is used only by {prefix}method='lookbehind'")
         if self.method == "sam":
             return
         if self.method == "msam":
             if self.ascent_steps != 1:
                 fail("ascent_steps", self.ascent_steps, f"{prefix}method='msam' makes one pass: it needs 1")
             # MSAM's perturbation comes from the optimizer's momentum: no ascent pass, no descent choice
-            for name, default in (
-                ("ascent_rule", "normalized"), ("descent", "last"), ("step_mult", 1.0), ("direction", "gradient"),
-                ("every_n_steps", 1), ("sync_ascent", False), ("replay_rng", False), ("diagnostics", False),
-            ):  # fmt: skip
-                if getattr(self, name) != default:
+            for name in (
+                "ascent_rule",
+                "descent",
+                "direction",
+                "every_n_steps",
+                "sync_ascent",
+                "replay_rng",
+                "diagnostics",
+            ):
+                if getattr(self, name) != _default(name):
                     fail(name, getattr(self, name), f"{prefix}method='msam' has no ascent pass to apply it to")
             return
-        if self.ascent_steps < 1:
-            fail("method", self.method, f"'lookbehind' needs {prefix}ascent_steps >= 1")
         # Lookbehind has its own ascent (k steps of rho) and descent (optimizer steps on fast weights)
-        for name, default in (
-            ("ascent_rule", "normalized"), ("descent", "last"), ("adaptive", False), ("step_mult", 1.0),
-            ("sync_ascent", False), ("diagnostics", False), ("direction", "gradient"), ("every_n_steps", 1),
-        ):  # fmt: skip
-            if getattr(self, name) != default:
-                fail(name, getattr(self, name), f"{prefix}method='lookbehind' has its own ascent and descent")
-
-    def _validate_xsam(self, fail, prefix: str) -> None:
-        for name in ("xsam_alpha", "xsam_rho_max"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value):
-                fail(name, value, "it must be a number or None")
-        if not isinstance(self.xsam_alpha_max, (int, float)) or isinstance(self.xsam_alpha_max, bool):
-            fail("xsam_alpha_max", self.xsam_alpha_max, "it must be a number")
-        if self.descent != "xsam":
-            for name, default in (("xsam_alpha", None), ("xsam_alpha_max", 2.0), ("xsam_rho_max", None)):
-                if getattr(self, name) != default:
-                    fail(name, getattr(self, name), f"it is used only by {prefix}descent='xsam'")
-            return
-        if self.xsam_alpha is not None and not 0 <= self.xsam_alpha < float("inf"):
-            fail("xsam_alpha", self.xsam_alpha, "it must be >= 0 and finite (or None for the dynamic choice)")
-        if not 0 < self.xsam_alpha_max < float("inf"):
-            fail("xsam_alpha_max", self.xsam_alpha_max, "it must be > 0 and finite")
-        if self.xsam_rho_max is not None and not 0 < self.xsam_rho_max < float("inf"):
-            fail("xsam_rho_max", self.xsam_rho_max, "it must be > 0 and finite")
+        for name in ("ascent_rule", "descent", "adaptive", "sync_ascent", "diagnostics", "direction", "every_n_steps"):
+            if getattr(self, name) != _default(name):
+                fail(name, getattr(self, name), f"{prefix}method={self.method!r} has its own ascent and descent")
 
     @classmethod
     def from_fields(cls, prefix: str = "", **values: object) -> SAMConfig:
@@ -234,28 +307,26 @@ class SAMConfig:
         return config
 
     def engine_kwargs(self) -> dict:
-        """The keyword arguments of :class:`hf_sam.engine.MultiStepAscent` for this config."""
-        kwargs = self.to_dict()
-        kwargs.pop("sync_ascent")
-        kwargs.pop("replay_rng")
-        kwargs.pop("xsam_alpha_max")
-        kwargs.pop("method")
-        kwargs.pop("lookbehind_alpha")
-        kwargs.pop("start_step")  # the trainer's: which steps are SAM steps
-        for name in ("every_n_steps", "reuse_alpha", "reuse_granularity", "rho_schedule", "rho_min"):
-            kwargs.pop(name)  # the trainer's (which steps are SAM steps, and their rho)
-        if self.descent == "xsam":
-            kwargs["xsam_alpha"] = 1.0 if self.xsam_alpha is None else float(self.xsam_alpha)  # chosen at step 1
-        else:
-            kwargs.pop("xsam_alpha")
-            kwargs.pop("xsam_rho_max")
-        kwargs["track_directions"] = kwargs.pop("diagnostics")
-        return kwargs
+        """The keyword arguments of :class:`hf_sam.engine.MultiStepAscent` for this config: the core knobs, and the
+        rule, descent and direction built with their options."""
+        return {
+            "ascent_steps": self.ascent_steps,
+            "rho": self.rho,
+            "adaptive": self.adaptive,
+            "adaptive_eta": self.adaptive_eta,
+            "perturbed_weights": self.perturbed_weights,
+            "track_directions": self.diagnostics,
+            **{kind: self.build(kind) for kind in ("ascent_rule", "descent", "direction")},
+        }
 
     @property
     def step_size(self) -> float:
         """The length a of each ascent step, in the rule's norm."""
-        return rules.step_size(self.ascent_rule, self.rho, max(self.ascent_steps, 1), self.step_mult)
+        return self.build("ascent_rule").step_size(self.rho, max(self.ascent_steps, 1))
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _default(name: str) -> Any:
+    return next(f.default for f in fields(SAMConfig) if f.name == name)

@@ -36,14 +36,15 @@ import torch
 from torch import Tensor
 
 from .ascent_record import AscentRecord
-from .descents import DESCENTS, LastDescent, make_descent
+from .descents import LastDescent, XSAMDescent
 from .direction_cosines import DirectionTracker
-from .directions import DIRECTIONS, make_direction
+from .directions import GradientDirection
 from .guarded import reset_where_, uniform
 from .moved_weights import MovedWeights, choose_mode
 from .plain_loop import run_step, scaled_loss
-from .rules import RULES, project_, step_size
+from .rules import AscentRule, project_
 from .tensors import ShardLayout, global_norm, local
+from .variants import Variant, declare_builtin, lookup
 
 __all__ = ["MultiStepAscent", "scaled_loss"]
 
@@ -55,20 +56,17 @@ class MultiStepAscent:
         params: the parameters to perturb; those with ``requires_grad=False`` are ignored.
         ascent_steps: k >= 1.
         rho: radius of the neighbourhood.
-        ascent_rule: "normalized" (step rho/k), "projected" (step step_mult*rho, project onto
-            the rho-ball after every step) or "accumulated" (step rho, no projection).
-        step_mult: step size of "projected", in units of rho.
+        ascent_rule: an :class:`~hf_sam.engine.rules.AscentRule` (the step length, and whether steps are
+            projected onto the rho-ball), or a registered rule's name with its default options: "normalized"
+            (step rho/k), "projected" (step rho, projected after every step) or "accumulated" (step rho).
         adaptive: ASAM. With T = |w| + adaptive_eta (w the unperturbed weights) each step is
             a T^2 g / ||T g|| and "projected" projects onto ||d / T|| <= rho.
         adaptive_eta: the eta of ASAM.
-        descent: "last" (descend with the gradient at w + d_k), "mean" (with the mean of
-            the gradients at w + d_1 .. w + d_k) or "xsam" (||g_k|| u(alpha), the spherical
-            interpolation between d_k and g_k of :mod:`hf_sam.engine.descents.xsam`).
-        xsam_alpha: XSAM's alpha (>= 0), also settable between steps (the dynamic choice).
-        xsam_rho_max: radius of the points the dynamic alpha choice evaluates (default 2 rho).
-        gsam_alpha, wsam_gamma, wsam_decouple: the options of the "gsam" and "wsam" descents.
-        direction: "gradient" or "friendly" (F-SAM, :mod:`hf_sam.engine.directions`), with
-            friendly_sigma and friendly_lambda.
+        descent: a :class:`~hf_sam.engine.descents.LastDescent` (which gradient the descent takes), or a
+            registered descent's name with its default options ("last", "mean", "xsam", "gsam", "wsam").
+        direction: a :class:`~hf_sam.engine.directions.GradientDirection`, or a registered direction's name
+            ("gradient", "friendly").
+        :meth:`hf_sam.SAMConfig.engine_kwargs` builds all three from a config's options.
         track_directions: also measure the cosine between successive ascent gradients and
             between the first ascent gradient and the descent gradient (keeps two more copies
             of the gradients; for diagnostics, not for speed).
@@ -88,33 +86,20 @@ class MultiStepAscent:
         params: Iterable[Tensor],
         ascent_steps: int = 1,
         rho: float = 0.05,
-        ascent_rule: str = "normalized",
-        step_mult: float = 1.0,
+        ascent_rule: str | AscentRule = "normalized",
         adaptive: bool = False,
         adaptive_eta: float = 0.01,
-        descent: str = "last",
+        descent: str | LastDescent = "last",
         track_directions: bool = False,
-        xsam_alpha: float = 1.0,
-        xsam_rho_max: float | None = None,
-        gsam_alpha: float = 0.4,
-        wsam_gamma: float = 0.9,
-        wsam_decouple: bool = True,
-        direction: str = "gradient",
-        friendly_sigma: float = 1.0,
-        friendly_lambda: float = 0.9,
+        direction: str | GradientDirection = "gradient",
         perturbed_weights: str = "auto",
         partition_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
-        if ascent_rule not in RULES:
-            raise ValueError(f"ascent_rule={ascent_rule!r} is invalid: allowed values are {', '.join(RULES)}.")
-        if descent not in DESCENTS:
-            raise ValueError(f"descent={descent!r} is invalid: allowed values are {', '.join(DESCENTS)}.")
-        if direction not in DIRECTIONS:
-            raise ValueError(f"direction={direction!r} is invalid: allowed values are {', '.join(DIRECTIONS)}.")
         if int(ascent_steps) < 1:
             raise ValueError(f"ascent_steps={ascent_steps!r} is invalid: the engine needs k >= 1.")
-        if not rho > 0 or not step_mult > 0 or adaptive_eta < 0:
-            raise ValueError("rho and step_mult must be > 0 and adaptive_eta >= 0.")
+        if not rho > 0 or adaptive_eta < 0:
+            raise ValueError("rho must be > 0 and adaptive_eta >= 0.")
+        rule = _built("ascent_rule", ascent_rule, rho)
         given = list(params)
         self.params = [p for p in given if p.requires_grad]
         if not self.params:
@@ -122,23 +107,15 @@ class MultiStepAscent:
         self._layout = ShardLayout(self.params, partition_group)
         self.ascent_steps = int(ascent_steps)
         self.rho = float(rho)
-        self.ascent_rule = ascent_rule
-        self.step_mult = float(step_mult)
+        self.rule: AscentRule = rule
+        self.ascent_rule = rule.name
         self.adaptive = bool(adaptive)
         self.adaptive_eta = float(adaptive_eta)
-        self.descent = descent
-        self.descent_rule: LastDescent = make_descent(
-            descent,
-            self.rho,
-            xsam_alpha=xsam_alpha,
-            xsam_rho_max=xsam_rho_max,
-            gsam_alpha=gsam_alpha,
-            wsam_gamma=wsam_gamma,
-            wsam_decouple=wsam_decouple,
-        )
-        self.direction = make_direction(direction, friendly_sigma, friendly_lambda)
+        self.descent_rule: LastDescent = _built("descent", descent, self.rho)
+        self.descent = self.descent_rule.name
+        self.direction: GradientDirection = _built("direction", direction, self.rho)
         self.track_directions = bool(track_directions)
-        self.step_size = step_size(ascent_rule, self.rho, self.ascent_steps, self.step_mult)
+        self.step_size = rule.step_size(self.rho, self.ascent_steps)
         self._weights: list[Tensor] = self._layout.locals(self.params)  # local shards under FSDP2
         self.perturbed_weights = choose_mode(perturbed_weights, given, self._layout)
         self._moved = MovedWeights(self.params, self._weights, self.perturbed_weights)  # the one extra copy
@@ -173,15 +150,18 @@ class MultiStepAscent:
 
     @property
     def xsam_alpha(self) -> float | None:
-        return getattr(self.descent_rule, "alpha", None)
+        """XSAM's alpha (None for another descent); settable between steps (the dynamic choice)."""
+        return self.descent_rule.alpha if isinstance(self.descent_rule, XSAMDescent) else None
 
     @xsam_alpha.setter
     def xsam_alpha(self, value: float) -> None:
+        if not isinstance(self.descent_rule, XSAMDescent):
+            raise TypeError(f"The descent {self.descent!r} has no XSAM alpha.")
         self.descent_rule.alpha = float(value)
 
     @property
     def xsam_angle(self) -> Tensor | None:
-        return getattr(self.descent_rule, "angle", None)
+        return self.descent_rule.angle
 
     # host reads of the record (each waits for the device)
     @property
@@ -259,7 +239,7 @@ class MultiStepAscent:
         # a / ||g|| is inf or nan only when the step is skipped; the grads are spent (scratch from here on)
         self._moved.move(idx, grads, torch.div(self._step_size_t, norm), ~moving, self._uniform, spent=True)
         self._reach += self.step_size  # each step has length step_size (or 0) in the rule's norm
-        if self.ascent_rule == "projected" and self._reach > self.rho:
+        if self.rule.projects and self._reach > self.rho:
             # the consumed gradients are free: d = p - w is formed in them, not in new memory
             self._project(grads if len(idx) == len(self.params) else None)
         elif i == self.ascent_steps:
@@ -356,21 +336,20 @@ class MultiStepAscent:
         """Call right after ``optimizer.step()``: a descent that updates the weights itself after the
         optimizer (WSAM's decoupled sharpness term) does it here; the others do nothing. ``skipped``: the
         step was skipped (a GradScaler found inf/NaN), so the descent's own update is dropped too."""
-        hook = getattr(self.descent_rule, "after_optimizer_step", None)
-        if hook is not None:
-            hook(optimizer, self._layout.locals(self.params), skipped)
+        self.descent_rule.after_optimizer_step(optimizer, self._layout.locals(self.params), skipped)
 
     def state_dict(self) -> dict:
-        """What the engine carries from one step to the next (F-SAM's momentum), for checkpoints."""
-        return {"direction": self.direction.state_dict()}
+        """What the engine carries from one step to the next (F-SAM's momentum, a descent's own), for checkpoints."""
+        return {"direction": self.direction.state_dict(), "descent": self.descent_rule.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.direction.load_state_dict(state.get("direction", {}))
+        self.descent_rule.load_state_dict(state.get("descent", {}), self._weights)
 
     def set_rho(self, rho: float) -> None:
         """A new radius from the next step on (a rho schedule); the rule's step size follows."""
         self.rho = float(rho)
-        self.step_size = step_size(self.ascent_rule, self.rho, self.ascent_steps, self.step_mult)
+        self.step_size = self.rule.step_size(self.rho, self.ascent_steps)
         self._step_size_t.fill_(self.step_size)
 
     # ----------------------------------------------------------------------- helpers
@@ -393,3 +372,18 @@ class MultiStepAscent:
             self._weights, self.backup, self._scale, self.rho, self._layout, scratch, self._uniform
         )
         self._reach = self.rho
+
+
+def _built(kind: str, given: object, rho: float) -> object:
+    """``given`` itself when it is a built object, else the registered ``kind`` of that name with its defaults."""
+    if not isinstance(given, str):
+        return given
+    variant = lookup(kind, given)
+    options = variant.options() if variant.options is not None else None
+    return variant.build(options, rho)
+
+
+declare_builtin(
+    Variant("method", "sam", "k ascent steps, then the descent step (everything above)", needs_ascent=False,
+            paper="SAM (Foret et al., 2021, arXiv 2010.01412)")
+)  # fmt: skip

@@ -13,10 +13,13 @@ scaling and the norm) and ``end`` (after the last ascent step, with the step's d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from .guarded import replace_where_
+from .variants import Variant, declare_builtin, finite_number, needs_one_gradient_for_all_ranks, option
 
 
 class GradientDirection:
@@ -107,11 +110,25 @@ class FriendlyDirection(GradientDirection):
         self._saved = state.get("momentum")
 
 
-DIRECTIONS: dict[str, type[GradientDirection]] = {"gradient": GradientDirection, "friendly": FriendlyDirection}
+@dataclass
+class FriendlyOptions:
+    friendly_sigma: float = option(1.0, "F-SAM's sigma (>= 0): how much of the clean gradients' momentum is removed.")
+    friendly_lambda: float = option(0.9, "F-SAM's lambda in [0, 1): the momentum's decay.")
+
+    def check(self, fail) -> None:
+        if not finite_number(self.friendly_sigma) or self.friendly_sigma < 0:
+            fail("friendly_sigma", self.friendly_sigma, "it must be a finite number >= 0")
+        if not finite_number(self.friendly_lambda) or not 0 <= self.friendly_lambda < 1:
+            fail("friendly_lambda", self.friendly_lambda, "it must be in [0, 1)")
 
 
-def make_direction(name: str, friendly_sigma: float = 1.0, friendly_lambda: float = 0.9) -> GradientDirection:
-    """The direction object for ``sam_direction=name``."""
-    if name not in DIRECTIONS:
-        raise ValueError(f"direction={name!r} is invalid: allowed values are {', '.join(DIRECTIONS)}.")
-    return FriendlyDirection(friendly_sigma, friendly_lambda) if name == "friendly" else GradientDirection()
+declare_builtin(
+    Variant("direction", "gradient", "the ascent gradient itself (SAM)", lambda o, rho: GradientDirection(),
+            needs_ascent=False)
+)  # fmt: skip
+declare_builtin(
+    Variant("direction", "friendly", "each ascent gradient minus sigma times a momentum of the clean gradients",
+            lambda o, rho: FriendlyDirection(o.friendly_sigma, o.friendly_lambda), FriendlyOptions,
+            refusals=needs_one_gradient_for_all_ranks("the clean gradients' momentum m and g_s"),
+            paper="F-SAM (Li et al., 2024, arXiv 2403.12350)")
+)  # fmt: skip

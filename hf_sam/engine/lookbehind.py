@@ -21,9 +21,12 @@ it takes the first k - 1 optimizer steps itself and leaves the k-th to the Train
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .variants import Refusal, Variant, declare_builtin, option
 
 
 class LookbehindSAM:
@@ -135,3 +138,25 @@ def interpolation_alphas(first: list[Tensor], last: list[Tensor], alpha: float |
         cos = torch.where(denominator > 0, (a64 @ b64) / denominator.clamp_min(1e-300), one)
         out.append((cos.clamp(-1.0, 1.0) + 1.0) / 2.0)
     return out
+
+
+@dataclass
+class LookbehindOptions:
+    lookbehind_alpha: float | None = option(
+        0.5,
+        "Lookbehind's alpha in (0, 1]: the slow weights' step; unset (None, in Python or a config file) for the "
+        "adaptive per-tensor alpha.",
+    )
+
+    def check(self, fail) -> None:
+        alpha = self.lookbehind_alpha
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1):
+            fail("lookbehind_alpha", alpha, "it must be in (0, 1], or None for the adaptive alpha")
+
+
+declare_builtin(
+    Variant("method", "lookbehind", "k ascent steps of rho with an optimizer step after each, then the slow weights "
+            "move by alpha towards the fast ones", options=LookbehindOptions,
+            refusals=(Refusal("DeepSpeed", "its exact rule under ZeRO's partitioned gradients is not proven"),),
+            paper="Lookbehind-SAM (Mordido et al., 2024, arXiv 2307.16704)")
+)  # fmt: skip

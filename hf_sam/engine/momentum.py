@@ -18,6 +18,7 @@ from torch import Tensor
 from .guarded import add_scaled_unless_, uniform
 from .moved_weights import MovedWeights, choose_mode
 from .tensors import ShardLayout, global_norm, local
+from .variants import Refusal, Variant, declare_builtin
 
 
 class MomentumPerturbation:
@@ -74,3 +75,10 @@ class MomentumPerturbation:
     def restore(self) -> None:
         """The weights back at w (bit-exact); safe to call after an error or when nothing moved."""
         self._moved.restore()
+
+
+declare_builtin(
+    Variant("method", "msam", "one pass at w - rho v / ||v||, v the optimizer's momentum (k = 1)",
+            refusals=(Refusal("DeepSpeed", "its exact rule under ZeRO's partitioned gradients is not proven"),),
+            paper="Momentum-SAM (Becker et al., 2024, arXiv 2401.12033)")
+)  # fmt: skip

@@ -9,22 +9,72 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from .guarded import add_scaled_unless_
 from .tensors import ShardLayout, global_norm
+from .variants import Variant, declare_builtin, finite_number, option
 
-RULES = ("normalized", "projected", "accumulated")
 
+class AscentRule:
+    """An ascent rule: the length of every ascent step (``step_size``) and whether the path is projected back
+    onto the rho-ball after a step that may have left it (``projects``). SAM's normalized rule: rho / k."""
 
-def step_size(rule: str, rho: float, ascent_steps: int, step_mult: float) -> float:
-    """The length a of every ascent step, in the rule's norm."""
-    if rule == "normalized":
+    name = "normalized"
+    projects = False
+
+    def step_size(self, rho: float, ascent_steps: int) -> float:
+        """The length a of every ascent step, in the rule's norm."""
         return rho / ascent_steps
-    if rule == "projected":
-        return rho * step_mult
-    return rho
+
+
+class AccumulatedRule(AscentRule):
+    """Steps of rho, no projection: ||d|| can reach k rho."""
+
+    name = "accumulated"
+
+    def step_size(self, rho: float, ascent_steps: int) -> float:
+        return rho
+
+
+@dataclass
+class ProjectedOptions:
+    step_mult: float = option(1.0, "Step size of the 'projected' rule in units of rho (> 0).")
+
+    def check(self, fail) -> None:
+        if not finite_number(self.step_mult) or not self.step_mult > 0:
+            fail("step_mult", self.step_mult, "it must be a finite number > 0")
+
+
+class ProjectedRule(AscentRule):
+    """Steps of step_mult rho, each followed by the projection onto ||d|| <= rho."""
+
+    name = "projected"
+    projects = True
+
+    def __init__(self, step_mult: float = 1.0) -> None:
+        self.step_mult = float(step_mult)
+
+    def step_size(self, rho: float, ascent_steps: int) -> float:
+        return rho * self.step_mult
+
+
+declare_builtin(
+    Variant("ascent_rule", "normalized", "k steps of rho/k: the path is rho long", lambda o, rho: AscentRule(),
+            needs_ascent=False, )
+)  # fmt: skip
+declare_builtin(
+    Variant("ascent_rule", "projected", "steps of step_mult rho, each projected onto the rho-ball",
+            lambda o, rho: ProjectedRule(o.step_mult), ProjectedOptions, needs_ascent=False,
+            paper="projected ascent (Andriushchenko & Flammarion, 2022, arXiv 2206.06232)")
+)  # fmt: skip
+declare_builtin(
+    Variant("ascent_rule", "accumulated", "steps of rho, no projection (||d|| up to k rho)",
+            lambda o, rho: AccumulatedRule(), needs_ascent=False)
+)  # fmt: skip
 
 
 def displacement(

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..engine.ascent import MultiStepAscent
+from ..engine.rules import ProjectedRule
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -76,7 +77,7 @@ def worst_case_loss(
     clean_total, worst_total = 0.0, 0.0
     with evaluation_mode(model):
         params = trainable(model)
-        engine = MultiStepAscent(params, ascent_steps=steps, rho=rho, ascent_rule="projected", step_mult=step_mult)
+        engine = MultiStepAscent(params, ascent_steps=steps, rho=rho, ascent_rule=ProjectedRule(step_mult))
         for batch in batches:
             with torch.no_grad():
                 clean = float(loss_fn(model, batch))

@@ -328,6 +328,8 @@ class StudyConfig:
     measure_examples: int = 256
     landscape_points: int = 21
     surface_points: int = 11
+    hessian_iterations: int = 20  # power iterations for lambda_max (stops earlier at a 1% change)
+    trace_samples: int = 8  # Hutchinson probes for tr(H)
     training_overrides: dict[str, Any] = field(default_factory=dict)
     custom_tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
 

@@ -152,8 +152,10 @@ def measure(trainer, task, run: RunSpec, config: StudyConfig, surface: bool) -> 
     )
     loss_fn = sharpness.hf_loss
     worst = sharpness.worst_case_loss(model, loss_fn, batches, rho=run.rho, steps=5, restarts=2, seed=0)
-    eig = sharpness.hessian_top_eigenvalue(model, loss_fn, batches[:2], max_iterations=20, tolerance=1e-2, seed=0)
-    trace = sharpness.hessian_trace(model, loss_fn, batches[:2], samples=8, seed=0)
+    eig = sharpness.hessian_top_eigenvalue(
+        model, loss_fn, batches[:2], max_iterations=config.hessian_iterations, tolerance=1e-2, seed=0
+    )
+    trace = sharpness.hessian_trace(model, loss_fn, batches[:2], samples=config.trace_samples, seed=0)
     alphas = np.linspace(-1.0, 1.0, config.landscape_points)
     random_dir = landscape.filter_normalized_direction(model, seed=0)
     curves = {

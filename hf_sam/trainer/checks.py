@@ -7,6 +7,9 @@ import logging
 import torch
 from torch import nn
 
+from ..config import VARIANT_KINDS
+from ..engine.variants import Refusal, Variant, needs_one_gradient_for_all_ranks
+
 logger = logging.getLogger(__name__)
 
 _FULL_PRECISION = (torch.float32, torch.float64)
@@ -20,8 +23,7 @@ def check_launch(trainer) -> None:
         from .deepspeed import check_deepspeed
 
         check_deepspeed(trainer)
-    check_xsam(trainer)
-    check_family(trainer)
+    check_variants(trainer)
     perturbed_weights_mode(trainer)
     if trainer.is_fsdp_enabled:
         check_fsdp(trainer)
@@ -96,48 +98,40 @@ def upcast_trainable_parameters(model: nn.Module) -> list[str]:
     return cast
 
 
-def check_xsam(trainer) -> None:
-    """XSAM's combination needs one d_k and one g_k on every rank: a synchronized ascent and no
-    accumulation (the gradients of earlier micro-batches are set aside during the descent backward,
-    so DDP would not all-reduce them)."""
-    if trainer.sam_config.descent != "xsam" or trainer.args.world_size <= 1:
-        return
-    if not trainer.sam_config.sync_ascent or trainer.args.gradient_accumulation_steps > 1:
-        raise ValueError(
-            "sam_descent='xsam' with several processes needs --sam_sync_ascent true and gradient_accumulation_steps=1: "
-            "every rank must combine the same perturbation d_k with the same all-reduced gradient g_k."
-        )
+def chosen_variants(config) -> list[tuple[str, Variant, object]]:
+    """(kind, variant, options) of each variant the config chooses."""
+    return [(kind, config.variant(kind), config.variant_options(kind)) for kind in VARIANT_KINDS]
 
 
-def _uses_clean_gradient(config) -> tuple[str, str] | None:
-    """The flag and value of a method that combines the clean gradient g with later ones, if any."""
-    if config.descent in ("gsam", "wsam"):
-        return "sam_descent", config.descent
-    if config.direction == "friendly":
-        return "sam_direction", "friendly"
-    if config.every_n_steps > 1 and config.reuse_alpha > 0:
-        return "sam_reuse_alpha", str(config.reuse_alpha)
-    return None
-
-
-def check_family(trainer) -> None:
-    """GSAM, WSAM, F-SAM and LookSAM's reuse combine the clean gradient g with g_s (or keep it across
-    steps): under several processes both must be the all-ranks gradients. (Under fp16 the state kept across
-    steps is held unscaled: the engine's ``grad_scale``.)"""
+def check_variants(trainer) -> None:
+    """Each chosen variant's declared refusals (hf_sam.engine.variants): several processes without a synchronized
+    ascent, gradient accumulation on several processes, DeepSpeed; LookSAM's reuse, which combines the clean
+    gradient g with g_s, as a variant that needs one gradient for all ranks."""
     config, args = trainer.sam_config, trainer.args
-    flag = _uses_clean_gradient(config)
-    if flag is not None and getattr(args, "world_size", 1) > 1:
-        name, value = flag
-        if not config.sync_ascent:
-            raise ValueError(
-                f"{name}={value} with several processes needs --sam_sync_ascent true: without it the clean "
-                "gradient g is each rank's own while g_s is all-reduced, and the method would combine the two."
-            )
-        if args.gradient_accumulation_steps > 1:
-            raise ValueError(
-                f"{name}={value} with several processes does not support gradient accumulation: the gradients of "
-                "non-final micro-batches are not all-reduced, so ranks would combine different g and g_s."
-            )
+    several = getattr(args, "world_size", 1) > 1
+    settings = {
+        "several processes without sam_sync_ascent": several and not config.sync_ascent,
+        "gradient accumulation on several processes": several and args.gradient_accumulation_steps > 1,
+        "DeepSpeed": bool(getattr(trainer, "is_deepspeed_enabled", False)),
+    }
+    refusals = [(f"sam_{kind}={variant.name!r}", r) for kind, variant, options in chosen_variants(config)
+                for r in variant.refusals if r.applies(options)]  # fmt: skip
+    if config.every_n_steps > 1 and config.reuse_alpha > 0:
+        reuse = needs_one_gradient_for_all_ranks("the clean gradient g and g_s")
+        reuse += (Refusal("DeepSpeed", "its cheap steps add the reused term to the accumulated gradient, which ZeRO "
+                          "keeps in its own partitions; --sam_every_n_steps without reuse runs"),)  # fmt: skip
+        refusals += [(f"sam_reuse_alpha={config.reuse_alpha} (LookSAM)", r) for r in reuse]
+    for flag, refusal in refusals:
+        if settings[refusal.where]:
+            raise ValueError(_refusal_message(flag, refusal))
+
+
+def _refusal_message(flag: str, refusal: Refusal) -> str:
+    if refusal.where == "several processes without sam_sync_ascent":
+        return f"{flag} with several processes needs --sam_sync_ascent true: {refusal.why}."
+    if refusal.where == "gradient accumulation on several processes":
+        return f"{flag} with several processes does not support gradient accumulation: {refusal.why}."
+    return f"{flag} is not supported under DeepSpeed: {refusal.why}."
 
 
 def check_fsdp(trainer) -> None:

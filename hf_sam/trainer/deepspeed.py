@@ -67,32 +67,9 @@ def check_deepspeed(trainer: Any) -> None:
     for key in ("offload_optimizer", "offload_param"):
         if zero.get(key, {}).get("device", "none") not in ("none", None):
             raise ValueError(f"SAMTrainer under DeepSpeed does not support ZeRO's {key} (not proven exact).")
-    if config.descent == "wsam" and config.wsam_decouple:
-        raise ValueError(
-            "sam_descent='wsam' with sam_wsam_decouple=true is not supported under DeepSpeed: its update after the "
-            "optimizer step would move the module's parameters, while ZeRO steps its own fp32 partitions and "
-            "writes them back over the parameters. Use --sam_wsam_decouple false (the coupled WSAM)."
-        )
-    if config.descent == "xsam" and config.xsam_alpha is None:
-        raise ValueError(
-            "sam_descent='xsam' with the dynamic alpha (sam_xsam_alpha unset) is not supported under DeepSpeed: "
-            "choosing alpha evaluates the loss at weights outside the SAM passes, which ZeRO does not gather for "
-            "it. Set a fixed --sam_xsam_alpha (for example 0.5)."
-        )
-    if config.every_n_steps > 1 and config.reuse_alpha > 0:
-        raise ValueError(
-            "sam_reuse_alpha > 0 (LookSAM) is not supported under DeepSpeed yet: its cheap steps add the reused "
-            "term to the accumulated gradient, which ZeRO keeps in its own partitions. --sam_every_n_steps without "
-            "reuse runs (its cheap steps are the stock step)."
-        )
     # the engine works on each rank's part of the all-ranks gradients and weights and sums every norm and dot
-    # product over the ranks, so every descent (XSAM with a fixed alpha too), F-SAM's direction (its momentum
-    # partition-sized) and the rho schedule run as in one process; the whole-step methods do not
-    if config.method != "sam":
-        raise ValueError(
-            f"sam_method={config.method!r} is not supported under DeepSpeed yet (allowed: 'sam'): its exact rule "
-            "under ZeRO's partitioned gradients is not proven."
-        )
+    # product over the ranks, so the variants run as in one process, except where their declaration refuses
+    # DeepSpeed (checks.check_variants, run by check_launch after this)
 
 
 class HeldDescent:

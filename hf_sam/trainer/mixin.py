@@ -167,10 +167,10 @@ class SAMMixin:
                 from .deepspeed import sam_engine_tensors
 
                 params, placement = sam_engine_tensors(self, model)
-            self._sam_engine = MultiStepAscent(params, **kwargs, **placement)
             memory = self._sam_every_n.memory if self._sam_every_n is not None else None
             if memory is not None:  # LookSAM: SAM's descent that also remembers g_v
-                self._sam_engine.descent_rule = memory
+                kwargs["descent"] = memory
+            self._sam_engine = MultiStepAscent(params, **kwargs, **placement)
             self._sam_load_pending_state(self._sam_engine)
             self._sam_bound_to = model
             self._sam_batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -352,10 +352,8 @@ class SAMMixin:
         pending, self._sam_pending_tensors = self._sam_pending_tensors, None
         if not pending:
             return
-        if "engine" in pending:
+        if "engine" in pending:  # LookSAM's memory is the engine's descent: its g_v comes back through here too
             engine.load_state_dict(pending["engine"])
-        if "looksam" in pending and self._sam_every_n is not None and self._sam_every_n.memory is not None:
-            self._sam_every_n.memory.load_state_dict(pending["looksam"], engine.weights)
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
         optimizer = super().create_optimizer(*args, **kwargs)

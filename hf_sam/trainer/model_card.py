@@ -11,19 +11,13 @@ import dataclasses
 import os
 
 from ..config import SAMConfig
+from ..engine.variants import lookup
 
+# the papers of what is not a registered variant (a variant's own is declared with it: hf_sam.engine.variants)
 _PAPERS = {
-    "sam": "SAM (Foret et al., 2021, arXiv 2010.01412)",
     "multi-step": "multi-step ascent (Kim et al., 2023, arXiv 2302.10181)",
-    "projected": "projected ascent (Andriushchenko & Flammarion, 2022, arXiv 2206.06232)",
     "adaptive": "ASAM (Kwon et al., 2021, arXiv 2102.11600)",
-    "gsam": "GSAM (Zhuang et al., 2022, arXiv 2203.08065)",
-    "wsam": "WSAM (Yue et al., 2023, arXiv 2305.15817)",
-    "xsam": "XSAM (arXiv 2603.10048)",
-    "friendly": "F-SAM (Li et al., 2024, arXiv 2403.12350)",
     "looksam": "LookSAM (Liu et al., 2022, arXiv 2203.02714)",
-    "lookbehind": "Lookbehind-SAM (Mordido et al., 2024, arXiv 2307.16704)",
-    "msam": "Momentum-SAM (Becker et al., 2024, arXiv 2401.12033)",
     "late": "SAM late in training (ICLR 2025, arXiv 2410.10373)",
 }
 # written on every card of a SAM run, whatever their value: they define the method
@@ -33,25 +27,19 @@ _HYPERPARAMETERS = "The following hyperparameters were used during training:\n"
 
 def method_papers(config: SAMConfig) -> list[str]:
     """The method a configuration trains with, as the papers that define its parts."""
-    if config.method in ("lookbehind", "msam"):
-        parts = [config.method]
-    else:
-        parts = ["sam"]
+    papers = [lookup("method", config.method).paper]
+    if config.method == "sam":
         if config.ascent_steps > 1:
-            parts.append("multi-step")
-        if config.ascent_rule == "projected":
-            parts.append("projected")
-        if config.descent in ("gsam", "wsam", "xsam"):
-            parts.append(config.descent)
-        if config.direction == "friendly":
-            parts.append("friendly")
+            papers.append(_PAPERS["multi-step"])
+        for kind in ("ascent_rule", "descent", "direction"):
+            papers.append(lookup(kind, getattr(config, kind)).paper)
         if config.every_n_steps > 1:
-            parts.append("looksam")
+            papers.append(_PAPERS["looksam"])
     if config.adaptive:
-        parts.append("adaptive")
+        papers.append(_PAPERS["adaptive"])
     if config.start_step:
-        parts.append("late")
-    return [_PAPERS[p] for p in parts]
+        papers.append(_PAPERS["late"])
+    return [p for p in papers if p]
 
 
 def sam_hyperparameters(config: SAMConfig) -> dict[str, object]:

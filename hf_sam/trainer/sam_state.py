@@ -1,6 +1,6 @@
 """What SAM carries across optimizer steps, saved with the Trainer's checkpoints and read back on
 resume: XSAM's chosen alpha (JSON), the rho schedule's bounds (JSON), F-SAM's momentum and LookSAM's
-g_v (tensors, one file per process: under FSDP2 each rank holds its own shards)."""
+g_v (the engine's state: tensors, one file per process: under FSDP2 each rank holds its own shards)."""
 
 from __future__ import annotations
 
@@ -35,17 +35,15 @@ def save_sam_state(trainer: Any, folder: str) -> None:
 
 
 def sam_tensor_state(trainer: Any) -> dict[str, Any]:
-    """F-SAM's momentum and LookSAM's g_v, as CPU tensors (empty when the run has none)."""
-    out: dict[str, Any] = {}
+    """What the engine carries across steps (F-SAM's momentum, LookSAM's g_v: its descent's), as CPU tensors (empty
+    when the run has none)."""
     engine = trainer._sam_engine
-    if engine is not None and trainer.sam_config.direction != "gradient":
-        out["engine"] = engine.state_dict()
-    elif trainer._sam_pending_tensors and "engine" in trainer._sam_pending_tensors:
-        out["engine"] = trainer._sam_pending_tensors["engine"]  # loaded, not yet bound
-    every_n = trainer._sam_every_n
-    if every_n is not None and every_n.memory is not None and every_n.memory.g_v is not None:
-        out["looksam"] = every_n.memory.state_dict()
-    return out
+    if engine is not None:
+        state = engine.state_dict()
+        return {"engine": state} if any(state.values()) else {}
+    if trainer._sam_pending_tensors and "engine" in trainer._sam_pending_tensors:
+        return {"engine": trainer._sam_pending_tensors["engine"]}  # loaded, not yet bound
+    return {}
 
 
 def load_sam_state(trainer: Any, checkpoint: str | None) -> None:

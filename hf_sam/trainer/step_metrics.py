@@ -92,7 +92,7 @@ class SAMStepMetrics:
             "sam/grad_norm": _unscaled(ascent.grad_norms[0] if ascent.grad_norms else 0.0, loss_scale),
             "sam/perturbation_norm": 0.0 if engine.perturbation_norm is None else engine.perturbation_norm,
         }
-        if engine.descent == "xsam" and engine.xsam_angle is not None:
+        if engine.xsam_alpha is not None and engine.xsam_angle is not None:  # XSAM
             values["sam/xsam_alpha"] = engine.xsam_alpha
             values["sam/xsam_angle"] = engine.xsam_angle
         if self.diagnostics:

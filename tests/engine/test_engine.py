@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import set_seed
 
 from hf_sam import MultiStepAscent, SAMConfig
+from hf_sam.engine.rules import ProjectedRule
 
 from ..reference_sam import flatten, sam_gradient
 from ..tiny import TinyNet, batch_of, make_data
@@ -104,7 +105,12 @@ def test_perturbation_properties(problem, k, rule, adaptive, rho, step_mult):
     params = [w.clone().requires_grad_(True) for w in weights]
     original = [w.clone() for w in weights]
     engine = MultiStepAscent(
-        params, ascent_steps=k, rho=rho, ascent_rule=rule, step_mult=step_mult, adaptive=adaptive, adaptive_eta=0.01
+        params,
+        ascent_steps=k,
+        rho=rho,
+        ascent_rule=ProjectedRule(step_mult) if rule == "projected" else rule,
+        adaptive=adaptive,
+        adaptive_eta=0.01,
     )
     grads = _grads(coef, curvature)
     engine.begin()
@@ -258,7 +264,7 @@ def _ops_per_phase(n_tensors: int, **engine_kwargs) -> dict[str, list[str]]:
     "engine_kwargs",
     [
         {"ascent_rule": "normalized"},
-        {"ascent_rule": "projected", "step_mult": 1.0},
+        {"ascent_rule": "projected"},  # step_mult 1
         {"ascent_rule": "accumulated", "descent": "mean"},
         {"ascent_rule": "projected", "adaptive": True},
     ],

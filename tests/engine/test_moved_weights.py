@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from hf_sam import MultiStepAscent
+from hf_sam import MultiStepAscent, SAMConfig
 from hf_sam.engine.guarded import copy_where_
 from hf_sam.engine.momentum import MomentumPerturbation
 from hf_sam.engine.moved_weights import choose_mode
@@ -54,7 +54,7 @@ class StorageWrites(TorchDispatchMode):
 def _engine(params, out_of_place=None, **kwargs) -> MultiStepAscent:
     """``out_of_place``: the first move's way (None: the engine's choice on this device, out of place on the
     CPU; False: the copy into the buffer and the guarded add that accelerators use)."""
-    engine = MultiStepAscent(params, **kwargs)
+    engine = MultiStepAscent(params, **SAMConfig(**kwargs).engine_kwargs())  # options built as the trainer builds them
     engine._moved.out_of_place = out_of_place
     return engine
 

@@ -16,6 +16,8 @@ import torch
 from transformers import set_seed
 
 from hf_sam import MultiStepAscent
+from hf_sam.engine.descents import XSAMDescent
+from hf_sam.engine.rules import ProjectedRule
 
 from ..helpers import sam_trainer
 from ..tiny import TinyNet, batch_of, make_data
@@ -71,11 +73,9 @@ def test_engine_step_reads_nothing_back(rule, descent, adaptive, dtype):
         params,
         ascent_steps=3,
         rho=0.1,
-        ascent_rule=rule,
-        step_mult=0.8,
+        ascent_rule=ProjectedRule(0.8) if rule == "projected" else rule,
         adaptive=adaptive,
-        descent=descent,
-        xsam_alpha=0.5,
+        descent=XSAMDescent(0.5, rho_max=0.2) if descent == "xsam" else descent,
     )
     _engine_step(engine, params, _cubic_grads, 3)  # the first step ends with the norms' one review
     with counting_host_reads() as counter:

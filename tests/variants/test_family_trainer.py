@@ -145,9 +145,9 @@ def _launch(world_size=1, accumulation=1, fp16=False, **config):
 @pytest.mark.parametrize(
     "config,flag",
     [
-        ({"descent": "gsam"}, "sam_descent=gsam"),
-        ({"descent": "wsam"}, "sam_descent=wsam"),
-        ({"direction": "friendly"}, "sam_direction=friendly"),
+        ({"descent": "gsam"}, "sam_descent='gsam'"),
+        ({"descent": "wsam"}, "sam_descent='wsam'"),
+        ({"direction": "friendly"}, "sam_direction='friendly'"),
         ({"every_n_steps": 2, "reuse_alpha": 0.5}, "sam_reuse_alpha=0.5"),
     ],
 )

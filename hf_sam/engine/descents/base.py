@@ -4,13 +4,17 @@
 - :class:`RewritingDescent`: a descent that rewrites g_s (XSAM, GSAM, WSAM), the accumulated
   gradients of earlier micro-batches set aside meanwhile; :class:`CleanGradientDescent` keeps g for it.
 
-Each descent is driven by :class:`~hf_sam.engine.ascent.MultiStepAscent` through four hooks: ``begin`` (a new step),
-``ascent_gradient`` (each ascent step's gradient, T g under ASAM), ``before_backward`` (returns the
-descent loss's factor) and ``after_backward``. It sees the engine as a :class:`DescentContext`.
+Each descent is driven by :class:`~hf_sam.engine.ascent.MultiStepAscent` through the hooks :class:`LastDescent`
+declares, each with its default: ``begin`` (a new step), ``ascent_gradient`` (each ascent step's gradient, T g
+under ASAM), ``before_backward`` (returns the descent loss's factor), ``after_backward``, ``after_optimizer_step``
+(a descent that moves the weights itself after the optimizer, WSAM's), ``choose_alpha`` (XSAM's dynamic alpha),
+and ``state_dict``/``load_state_dict`` (what it carries across steps, for checkpoints). It sees the engine as a
+:class:`DescentContext`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -18,6 +22,7 @@ from torch import Tensor
 
 from ..ascent_record import AscentRecord
 from ..tensors import ShardLayout, local
+from ..variants import Variant, declare_builtin
 
 
 class DescentContext(Protocol):
@@ -30,6 +35,7 @@ class DescentContext(Protocol):
     ascent_steps: int  # k
     steps_taken: int  # ascent steps taken in this training step
     record: AscentRecord  # what the ascent did (device tensors)
+    grad_scale: Tensor | None  # the factor p.grad carries (fp16 loss scaling), None for 1
 
     @property
     def weights(self) -> list[Tensor]: ...  # the trainable tensors (local shards under FSDP2)
@@ -51,6 +57,7 @@ class LastDescent:
     """SAM's descent: the gradient at w + d_k, added to the gradients already accumulated."""
 
     name = "last"
+    angle: Tensor | None = None  # the last descent's angle to d_k in degrees, for a descent that measures it (XSAM)
 
     def begin(self, size: int) -> None:
         """A new training step over ``size`` trainable tensors."""
@@ -65,6 +72,29 @@ class LastDescent:
 
     def after_backward(self, engine: DescentContext) -> None:
         """After the descent backward (the descent gradient is in p.grad)."""
+
+    def after_optimizer_step(
+        self, optimizer: torch.optim.Optimizer, weights: list[Tensor], skipped: bool = False
+    ) -> None:
+        """Right after ``optimizer.step()`` (``weights``: the trainable tensors; ``skipped``: a GradScaler skipped
+        the step): a descent that moves the weights itself does it here."""
+
+    def choose_alpha(self, engine: DescentContext, loss_at: Callable[[], Tensor | float], alphas: list[float]) -> float:
+        """A descent with an alpha chosen during training (XSAM's dynamic one) picks it among ``alphas``."""
+        raise TypeError(f"The descent {self.name!r} has no alpha to choose.")
+
+    def state_dict(self) -> dict:
+        """What the descent carries from one step to the next, for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict, weights: list[Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned (a resumed run); ``weights``: the engine's trainable tensors,
+        whose devices and dtypes the loaded tensors take."""
+
+
+declare_builtin(
+    Variant("descent", "last", "the gradient at w + d_k (SAM)", lambda o, rho: LastDescent(), needs_ascent=False)
+)  # fmt: skip
 
 
 class RewritingDescent(LastDescent):

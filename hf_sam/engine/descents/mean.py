@@ -13,6 +13,7 @@ from torch import Tensor
 from ..ascent_record import AscentRecord
 from ..guarded import add_scaled_unless_
 from ..tensors import grad_like, local
+from ..variants import Variant, declare_builtin
 from .base import DescentContext, LastDescent
 
 
@@ -86,3 +87,8 @@ class MeanDescent(LastDescent):
         self._sum = None
         engine.return_held_grads()
         return factor
+
+
+declare_builtin(
+    Variant("descent", "mean", "the mean of the gradients at w + d_1 .. w + d_k", lambda o, rho: MeanDescent())
+)  # fmt: skip

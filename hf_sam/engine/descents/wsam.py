@@ -12,9 +12,12 @@ minimizes L + a (L(w + d) - L): the sharpness is a regularizer with its own weig
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
+from ..variants import Refusal, Variant, declare_builtin, finite_number, needs_one_gradient_for_all_ranks, option
 from .base import CleanGradientDescent, DescentContext
 
 
@@ -38,7 +41,7 @@ class WSAMDescent(CleanGradientDescent):
             torch._foreach_add_(grads, g, alpha=1.0 - self.weight)
             return
         torch._foreach_sub_(grads, g)  # g_s - g
-        scale = getattr(engine, "grad_scale", None)
+        scale = engine.grad_scale
         if scale is not None:  # held unscaled: the loss scale may change before the optimizer step
             torch._foreach_div_(grads, scale)
         if self._sharpness is None:
@@ -66,3 +69,32 @@ class WSAMDescent(CleanGradientDescent):
                 lr = float(group["lr"])
                 torch._foreach_add_([w for w, _ in pairs], [s for _, s in pairs], alpha=-lr * self.weight)
         self._sharpness = None
+
+
+@dataclass
+class WSAMOptions:
+    wsam_gamma: float = option(0.9, "WSAM's gamma in [0, 1): the sharpness term's weight is gamma / (1 - gamma).")
+    wsam_decouple: bool = option(
+        True,
+        "WSAM: the optimizer steps with the clean gradient g and the weights then move by -lr a (g_s - g) (true), "
+        "or the optimizer descends with g + a (g_s - g) (false).",
+    )
+
+    def check(self, fail) -> None:
+        if not finite_number(self.wsam_gamma) or not 0 <= self.wsam_gamma < 1:
+            fail("wsam_gamma", self.wsam_gamma, "it must be in [0, 1)")
+        if not isinstance(self.wsam_decouple, bool):
+            fail("wsam_decouple", self.wsam_decouple, "it must be True or False")
+
+
+declare_builtin(
+    Variant("descent", "wsam", "g + a (g_s - g), a = gamma / (1 - gamma); decoupled: a (g_s - g) after the step",
+            lambda o, rho: WSAMDescent(o.wsam_gamma, o.wsam_decouple), WSAMOptions,
+            refusals=(
+                *needs_one_gradient_for_all_ranks("the clean gradient g and g_s"),
+                Refusal("DeepSpeed", "with sam_wsam_decouple=true its update after the optimizer step would move the "
+                        "module's parameters, while ZeRO steps its own fp32 partitions and writes them back over the "
+                        "parameters. Use --sam_wsam_decouple false (the coupled WSAM)", lambda o: o.wsam_decouple),
+            ),
+            paper="WSAM (Yue et al., 2023, arXiv 2305.15817)")
+)  # fmt: skip

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..tensors import ShardLayout, global_dot, global_norm, local
+from ..variants import Refusal, Variant, declare_builtin, needs_one_gradient_for_all_ranks, option
 from .base import DescentContext, RewritingDescent
 
 ALPHA_GRID_STEP = 0.1
@@ -133,3 +135,47 @@ class XSAMDescent(RewritingDescent):
         grads = [torch.zeros_like(w) if p.grad is None else local(p.grad) for p, w in pairs]
         self.alpha = best_alpha(engine.weights, engine.backup, grads, engine.layout, self.rho_max, alphas, loss_at)
         return self.alpha
+
+
+@dataclass
+class XSAMOptions:
+    xsam_alpha: float | None = option(
+        None,
+        "XSAM: a fixed alpha >= 0 (1 is SAM's descent), or unset to choose it at the first step of every epoch "
+        "among 0, 0.1, .., sam_xsam_alpha_max by the largest training loss at w + sam_xsam_rho_max u(alpha) (21 "
+        "forward passes per epoch; saved with checkpoints).",
+    )
+    xsam_alpha_max: float = option(2.0, "XSAM: the largest alpha of the dynamic choice (0, 0.1, .., this).")
+    xsam_rho_max: float | None = option(None, "XSAM: the radius of the dynamic choice's points (unset: 2 sam_rho).")
+
+    def check(self, fail) -> None:
+        for name in ("xsam_alpha", "xsam_rho_max", "xsam_alpha_max"):
+            value = getattr(self, name)
+            if (value is not None or name == "xsam_alpha_max") and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or value != value
+            ):
+                fail(name, value, "it must be a number" + ("" if name == "xsam_alpha_max" else " or None"))
+        if self.xsam_alpha is not None and not 0 <= self.xsam_alpha < float("inf"):
+            fail("xsam_alpha", self.xsam_alpha, "it must be >= 0 and finite (or None for the dynamic choice)")
+        if not 0 < self.xsam_alpha_max < float("inf"):
+            fail("xsam_alpha_max", self.xsam_alpha_max, "it must be > 0 and finite")
+        if self.xsam_rho_max is not None and not 0 < self.xsam_rho_max < float("inf"):
+            fail("xsam_rho_max", self.xsam_rho_max, "it must be > 0 and finite")
+
+
+def _build_xsam(options: XSAMOptions, rho: float) -> XSAMDescent:
+    alpha = 1.0 if options.xsam_alpha is None else float(options.xsam_alpha)  # a dynamic one is chosen at step 1
+    return XSAMDescent(alpha, 2 * rho if options.xsam_rho_max is None else options.xsam_rho_max)
+
+
+declare_builtin(
+    Variant("descent", "xsam", "||g_k|| times the spherical interpolation u(alpha) between d_k and g_k",
+            _build_xsam, XSAMOptions,
+            refusals=(
+                *needs_one_gradient_for_all_ranks("d_k and g_k"),
+                Refusal("DeepSpeed", "with the dynamic alpha (sam_xsam_alpha unset) choosing alpha evaluates the loss "
+                        "at weights outside the SAM passes, which ZeRO does not gather for it. Set a fixed "
+                        "--sam_xsam_alpha (for example 0.5)", lambda o: o.xsam_alpha is None),
+            ),
+            paper="XSAM (arXiv 2603.10048)")
+)  # fmt: skip
