@@ -64,6 +64,8 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         if args.config
         else StudyConfig.from_preset(args.preset, **overrides)
     )
+    if args.seeds is not None:
+        config.task_seeds = {}  # the seeds asked for, on every task
     if args.epochs is not None:
         config.training_overrides = {**config.training_overrides, "num_train_epochs": args.epochs}
     return config
@@ -76,7 +78,10 @@ def surface_runs(config: StudyConfig, runs) -> set[str]:
     return {
         r.run_id
         for r in runs
-        if r.method in chosen and r.seed == config.seeds[0] and r.budget == "epochs" and r.rho == config.rhos[0]
+        if r.method in chosen
+        and r.seed == config.task_seeds.get(r.task, config.seeds)[0]
+        and r.budget == "epochs"
+        and r.rho == config.rhos[0]
     }
 
 

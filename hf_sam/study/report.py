@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -75,6 +76,53 @@ def with_landscape(accuracy: pd.DataFrame, landscape: pd.DataFrame) -> pd.DataFr
     return accuracy.merge(wide.reset_index(), on=keys, how="left")
 
 
+def _task_lines(config: StudyConfig) -> list[str]:
+    """What each task trains: the model and where its weights come from, full fine-tuning or LoRA, the training
+    examples, the label noise (the regime), the recipe and the seeds."""
+    rows = []
+    notes = []
+    for name in config.tasks:
+        spec = config.task(name)
+        model = spec.model.get("model_name_or_path")
+        source = f"`{model}` (pretrained)" if model else f"{spec.model.get('model_type', '?')} from a config"
+        if spec.model.get("use_peft"):
+            tuning = f"LoRA r={spec.model.get('lora_r', 16)}"
+        else:
+            tuning = "full fine-tuning" if model else "from scratch"
+        examples = spec.data.get("max_train_samples") or "all"
+        noise = spec.data.get("label_noise", 0.0)
+        training = {**spec.training, **config.training_overrides}
+        seeds = config.task_seeds.get(name, config.seeds)
+        rows.append(
+            f"| {name} | `{spec.data.get('dataset_name')}` | {source} | {tuning} | {examples} | "
+            f"{100 * noise:g}% | {training.get('num_train_epochs')} | {training.get('learning_rate')} | {len(seeds)} |"
+        )
+        if model == "embedded:resnet-mnist5k":
+            notes.append(_pretrained_resnet_note())
+    return [
+        "| task | data | model | tuning | training examples | label noise | epochs | learning rate | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        *[note for note in dict.fromkeys(notes)],
+    ]
+
+
+def _pretrained_resnet_note() -> str:
+    from ..tasks.pretrained_vision import checkpoint_dir
+
+    record_file = checkpoint_dir() / "pretraining.json"
+    if not record_file.exists():
+        return "`embedded:resnet-mnist5k`: pretrained on first use and cached (no record on this machine yet).\n"
+    record = json.loads(record_file.read_text())
+    return (
+        f"`embedded:resnet-mnist5k`: a {record.get('model_type')} pretrained here on `{record.get('source')}` "
+        f"({record.get('num_train_epochs')} epochs, {record.get('optimizer_steps')} AdamW steps, seed "
+        f"{record.get('seed')}), validation accuracy {record.get('validation_accuracy')} there; built once by the "
+        "task and cached (`hf_sam/tasks/pretrained_vision.py`).\n"
+    )
+
+
 def write_report(config: StudyConfig, root: Path) -> Path:
     """Write report.md, results.csv/json, summary.csv/json and the figures; returns report.md's path."""
     root = Path(root)
@@ -131,17 +179,19 @@ def write_report(config: StudyConfig, root: Path) -> Path:
         "# Ascent-steps study",
         "",
         f"Preset `{config.preset}`: tasks {', '.join(config.tasks)}; methods {', '.join(config.methods)}; "
-        f"rho {', '.join(f'{r:g}' for r in config.rhos)}; seeds {', '.join(map(str, config.seeds))}; "
-        f"budgets {', '.join(config.budgets)}. {len(df)} runs.",
+        f"rho {', '.join(f'{r:g}' for r in config.rhos)}; seeds {', '.join(map(str, config.seeds))} (unless the task "
+        f"says otherwise below); budgets {', '.join(config.budgets)}. {len(df)} runs.",
         "",
+        *_task_lines(config),
         "Every run trains with `SAMTrainer` (k = 0 is plain AdamW through the same code path). "
         "*Equal epochs* gives every method the same epochs; *equal compute* scales the epochs by 2/(passes per "
         "step) so every method spends the forward+backward passes of SAM with k = 1 (k + 1 passes per step for "
         "SAM, 1 + k/n for SAM every n steps and LookSAM, 1 for MSAM and AdamW). Sharpness is measured after "
-        "training on a fixed validation subset: m-sharpness is the mean over batches of 64 of the worst loss "
-        "increase in the rho-ball (5 projected ascent steps, 2 starts); λ_max, the largest algebraic Hessian "
-        "eigenvalue, by Lanczos (20 Hessian-vector products at most, runs that did not converge are counted "
-        "below); tr(H) by Hutchinson's estimator (8 Rademacher vectors).",
+        f"training on a fixed validation subset of {config.measure_examples} examples: m-sharpness is the mean over "
+        "batches of 64 of the worst loss increase in the rho-ball (5 projected ascent steps, 2 starts); λ_max, the "
+        f"largest algebraic Hessian eigenvalue, by Lanczos ({config.hessian_iterations} Hessian-vector "
+        "products at most, runs that did not converge are counted below); tr(H) by Hutchinson's estimator "
+        f"({config.trace_samples} Rademacher vectors).",
         "",
         *_convergence_note(df),
         "## Findings",
