@@ -50,7 +50,7 @@ def own_times(times: dict, variant) -> np.ndarray:
 
 def counted_bytes(run) -> int:
     """Bytes read and written by every operator one call of ``run`` dispatches (forward and backward too)."""
-    from traffic import TrafficCounter
+    from traffic_counter import TrafficCounter
 
     counter = TrafficCounter()
     with counter:

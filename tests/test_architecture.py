@@ -101,6 +101,29 @@ def test_no_import_circles():
     assert circles(import_graph()) == []
 
 
+def benchmark_graph() -> dict[str, set[str]]:
+    """benchmarks/ is a folder of scripts that import each other by their file names (each puts its folder on
+    sys.path): the same graph, over those names."""
+    folder = PACKAGE.parent / "benchmarks"
+    scripts = {p.stem: p for p in sorted(folder.glob("*.py"))}
+    graph = {}
+    for name, path in scripts.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                found.add(node.module.split(".")[0])
+        graph[name] = {m for m in found if m in scripts}
+    return graph
+
+
+def test_no_import_circles_in_the_benchmarks():
+    graph = benchmark_graph()
+    assert {"bench_step", "own_time", "traffic"} <= set(graph) and "own_time" in graph["bench_step"]
+    assert circles(graph) == []
+
+
 def test_the_circle_finder_finds_circles():
     # the finder itself: a known circle (the one the layout removed: ascent <-> descents) and a self-import
     graph = {"a": {"b"}, "b": {"a", "c"}, "c": set(), "d": {"d"}}

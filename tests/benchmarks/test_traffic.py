@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from traffic import TrafficCounter  # noqa: E402
+from traffic_counter import TrafficCounter  # noqa: E402
 
 from hf_sam import MultiStepAscent  # noqa: E402
 from hf_sam.engine.guarded import add_scaled_unless_, copy_where_  # noqa: E402
