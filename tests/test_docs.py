@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from hf_sam.trainer.flag_table import BEGIN, END, flag_table
+from hf_sam.trainer.flag_table import BEGIN, END, flag_table, write_into
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -12,6 +12,17 @@ def test_the_flag_table_in_usage_md_is_the_generated_one():
     assert BEGIN in page and END in page
     committed = page[page.index(BEGIN) : page.index(END) + len(END)]
     assert committed == flag_table(), "regenerate it: python -m hf_sam.trainer.flag_table"
+    assert write_into(page) == page, "the metric table: regenerate it (python -m hf_sam.trainer.flag_table)"
+
+
+def test_a_metric_no_one_declared_is_refused():
+    import pytest
+
+    from hf_sam.trainer.step_metrics import SAMStepMetrics, declared
+
+    assert declared("sam/ascent_loss_3").per == "step" and declared("sam/grad_norm").ranks == "mean"
+    with pytest.raises(KeyError, match="not declared"):
+        SAMStepMetrics(diagnostics=False).add({"sam/made_up": 1.0}, global_step=0)
 
 
 def test_the_flag_table_lists_every_sam_field_with_its_default():

@@ -101,3 +101,6 @@ class LookbehindStep(TrainerCallback):
             fast = [p.detach().clone() for p in params]  # theta_k, after the Trainer's step
         self.last_alphas = look_behind_(params, slow, fast, first_move, self.trainer.sam_config.lookbehind_alpha)
         self.pending = None
+        if self.last_alphas:
+            alpha = torch.stack(self.last_alphas).mean()
+            self.trainer._sam_metrics.add({"sam/lookbehind_alpha": alpha}, state.global_step)

@@ -240,7 +240,11 @@ class SAMMixin:
         if self._msam is not None:  # one pass at w - rho v/||v|| (hf_sam.trainer.msam)
             self._sam_micro_batch_done(1)
             self._msam.rho = rho
-            return self._msam.run(model, stock)
+            loss = self._msam.run(model, stock)
+            if self._msam.perturbation is not None:
+                norm = self._msam.perturbation.perturbation_norm
+                self._sam_metrics.add({"sam/perturbation_norm": norm}, self.state.global_step)
+            return loss
         engine = self._sam_bind(model)
         engine.grad_scale = self._loss_scale()
         if self._sam_rho_schedule is not None:
@@ -378,14 +382,6 @@ class SAMMixin:
 
     def sam_log_metrics(self) -> dict[str, float]:
         """The sam/* metrics averaged since the last call (and reset)."""
-        if self._lookbehind is not None or self._msam is not None:  # methods without the engine's record
-            out = self._sam_metrics.read_passes(self.state.global_step)
-            alphas = self._lookbehind.last_alphas if self._lookbehind is not None else None
-            if alphas:
-                out["sam/lookbehind_alpha"] = float(torch.stack(alphas).mean())
-            if self._msam is not None and self._msam.perturbation is not None:
-                out["sam/perturbation_norm"] = float(self._msam.perturbation.perturbation_norm)
-            return out
         return self._sam_metrics.read(self.state.global_step, self.accelerator)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

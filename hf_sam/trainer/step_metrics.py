@@ -1,9 +1,11 @@
-"""The ``sam/*`` metrics: kept per micro-batch as the device tensors they are, summed and read once per
-logging step (no kernel runs for them inside a step)."""
+"""The ``sam/*`` metrics: declared once in :data:`METRICS` (how each combines over a logging window's micro-batches
+and over the ranks), kept per micro-batch as the device tensors they are, summed and read once per logging step (no
+kernel runs for them inside a step). SAM's step, Lookbehind and MSAM record through the same object."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -12,7 +14,53 @@ from ..engine.ascent_record import AscentRecord
 
 logger = logging.getLogger(__name__)
 
-_CORE_METRICS = ("sam/grad_norm", "sam/loss_clean", "sam/loss_perturbed", "sam/perturbation_norm")
+
+@dataclass(frozen=True)
+class Metric:
+    """A ``sam/*`` metric. ``name``: its key, or the prefix of a numbered family (ending in "_"). ``per``: "step"
+    (summed over a step's micro-batches, then averaged over the SAM steps: a loss, as the Trainer reports "loss") or
+    "micro-batch" (averaged over the micro-batches). ``ranks``: "mean" (every rank has it: averaged over the
+    ranks) or "local" (this rank's; it may be missing on another)."""
+
+    name: str
+    per: str
+    ranks: str
+    meaning: str
+
+
+METRICS = (
+    Metric("sam/loss_clean", "step", "mean", "the loss at w"),
+    Metric("sam/loss_perturbed", "step", "mean", "the loss at w + d_k (sam/sharpness is the difference)"),
+    Metric("sam/grad_norm", "micro-batch", "mean", "||g|| of the clean gradient (unscaled under fp16)"),
+    Metric("sam/perturbation_norm", "micro-batch", "mean", "||d_k|| in the rule's norm (MSAM: rho)"),
+    Metric("sam/xsam_alpha", "micro-batch", "local", "XSAM's alpha"),
+    Metric("sam/xsam_angle", "micro-batch", "local", "XSAM: the angle between d_k and g_k, in degrees"),
+    Metric("sam/lookbehind_alpha", "micro-batch", "local", "Lookbehind: the slow weights' step"),
+    Metric("sam/ascent_loss_", "step", "local", "diagnostics: the loss at w + d_i"),
+    Metric("sam/ascent_grad_norm_", "micro-batch", "local", "diagnostics: ||g_i||"),
+    Metric("sam/cos_successive", "micro-batch", "local", "diagnostics: cos(g_i, g_i+1), mean over i"),
+    Metric("sam/cos_first_descent", "micro-batch", "local", "diagnostics: cos(g_1, the descent gradient)"),
+    Metric("sam/perturbation_fidelity", "micro-batch", "local", "autocast: what the kernels see of d_k"),
+    Metric("sam/perturbation_fidelity_norm_ratio", "micro-batch", "local", "autocast: their ||d|| / ||d_k||"),
+)
+
+
+# what read() derives from the recorded values, for the docs' table
+DERIVED = (
+    ("sam/sharpness", "sam/loss_perturbed - sam/loss_clean"),
+    ("sam/passes", "forward+backward passes per optimizer step: k + 1 per micro-batch for SAM, fewer for LookSAM, "
+     "MSAM and the steps before sam_start_step"),
+    ("sam/skipped_ascents", "total ascents dropped for a non-finite gradient norm (SAM's step)"),
+    ("sam/zero_gradient_ascents", "total ascents with a zero gradient (SAM's step)"),
+)  # fmt: skip
+
+
+def declared(key: str) -> Metric:
+    """The declaration of ``key``; a metric no one declared is an error, not a silent per-rank value."""
+    for metric in METRICS:
+        if key == metric.name or (metric.name.endswith("_") and key.startswith(metric.name) and key[-1].isdigit()):
+            return metric
+    raise KeyError(f"{key!r} is not declared in hf_sam.trainer.step_metrics.METRICS")
 
 
 def _unscaled(norm: float, loss_scale: torch.Tensor | None) -> float | torch.Tensor:
@@ -31,6 +79,7 @@ class SAMStepMetrics:
         self._skipped_warned = 0
         self._passes = 0  # forward+backward passes since the last log
         self._passes_since: int | None = None  # the optimizer step they were counted from
+        self._recorded = False  # SAM's step recorded an ascent (Lookbehind and MSAM add their own values only)
         self._reset()
 
     def count_passes(self, passes: int, global_step: int) -> None:
@@ -98,14 +147,20 @@ class SAMStepMetrics:
         if self.diagnostics:
             values.update(self._diagnostic_values(engine, perturbed, pass_losses, loss_scale))
             values.update(measured or {})
+        self.add(values, global_step)
+        self._recorded = True
+        self._pending.append(ascent)
+        if len(self._pending) >= 1024:  # logging steps far apart: keep the memory bounded
+            self._fold()
+
+    def add(self, values: dict[str, object], global_step: int) -> None:
+        """One micro-batch's declared values (a whole-step method's own: Lookbehind's alpha, MSAM's norm)."""
         for key, value in values.items():
+            declared(key)
             self._values.setdefault(key, []).append(value)
             self._counts[key] = self._counts.get(key, 0) + 1
         self._micro_batches += 1
         self._sam_steps.add(global_step)
-        self._pending.append(ascent)
-        if len(self._pending) >= 1024:  # logging steps far apart: keep the memory bounded
-            self._fold()
 
     def _sum_values(self) -> None:
         """Add the values kept since the last sum to the sums: one stack and sum per metric."""
@@ -144,21 +199,24 @@ class SAMStepMetrics:
         out: dict[str, float] = {}
         self._sum_values()
         if n:
-            # every rank has the core keys; the diagnostics may differ between ranks and stay local
-            keys = sorted(self._sums, key=lambda key: (key not in _CORE_METRICS, key))
+            # the ranks-"mean" keys first, in one order on every rank, for one all-reduce
+            keys = sorted(self._sums, key=lambda key: (declared(key).ranks != "mean", key))
             vec = torch.stack([torch.as_tensor(self._sums[key], dtype=torch.float64).reshape(()).cpu() for key in keys])
             if accelerator.num_processes > 1:
-                core = sum(key in _CORE_METRICS for key in keys)
-                reduced = accelerator.reduce(vec[:core].to(accelerator.device), reduction="mean").cpu()
-                vec = torch.cat([reduced, vec[core:]])
+                shared = sum(declared(key).ranks == "mean" for key in keys)
+                reduced = accelerator.reduce(vec[:shared].to(accelerator.device), reduction="mean").cpu()
+                vec = torch.cat([reduced, vec[shared:]])
             for key, total in zip(keys, vec.tolist(), strict=True):
-                if key.startswith(("sam/loss_", "sam/ascent_loss_")):
-                    # summed over a step's micro-batches, averaged over the SAM steps
+                if declared(key).per == "step":  # summed over a step's micro-batches, averaged over the SAM steps
                     out[key] = total / steps * n / self._counts[key]
                 else:
                     out[key] = total / self._counts[key]
-            out["sam/sharpness"] = out["sam/loss_perturbed"] - out["sam/loss_clean"]
+            if "sam/loss_perturbed" in out:
+                out["sam/sharpness"] = out["sam/loss_perturbed"] - out["sam/loss_clean"]
         out.update(self.read_passes(global_step))
+        if not self._recorded:  # a whole-step method: no ascent of the engine's to count
+            self._reset()
+            return out
         skipped = self.skipped_ascents
         if skipped > self._skipped_warned:
             logger.warning(
