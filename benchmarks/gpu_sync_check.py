@@ -77,7 +77,7 @@ def main() -> int:
         for poison in (False, True):
             trainer, model, batch = _trainer(k, options)
             trainer.training_step(model, dict(batch))  # binds the engine; the first step reviews the norms once
-            _strict(trainer._sam_engine)
+            _strict(trainer.sam_run.engine)
             if poison:  # a non-finite first ascent gradient: dropped on the device
                 handle = model.bert.embeddings.word_embeddings.weight.register_hook(lambda g: g * float("nan"))
             try:

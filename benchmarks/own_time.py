@@ -99,7 +99,7 @@ def phase_seconds(run, steps: int) -> list[float]:
     out, so no difference of two noisy step times). For the "sam" rows, whose runner carries its trainer."""
     import time
 
-    engine = run.trainer._sam_engine
+    engine = run.trainer.sam_run.engine
     spent = [0.0]
 
     def timed(fn):

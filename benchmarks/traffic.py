@@ -54,7 +54,7 @@ def measure(
     trainer = run.trainer
     for _ in range(2):  # the engine binds and reviews its norms' precision in the first steps
         run()
-    engine = trainer._sam_engine
+    engine = trainer.sam_run.engine
     store: dict[str, list] = defaultdict(list)
     for name in PHASES:
         setattr(engine, name, _counted(store, name, getattr(engine, name)))

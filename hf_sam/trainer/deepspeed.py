@@ -186,21 +186,21 @@ class DeepSpeedPasses:
 
 def sam_engine_tensors(trainer: Any, model: Any) -> tuple[list[torch.nn.Parameter], dict]:
     """What the SAM engine is built on under DeepSpeed: this rank's parts of the trainable parameters,
-    and the engine's ``partition_group``. The parts live on the trainer for the passes."""
+    and the engine's ``partition_group``. The parts live in the run's state (``trainer.sam_run``) for the passes."""
     engine = trainer.accelerator.deepspeed_engine_wrapped.engine
-    trainer._sam_zero_parts = parts = zero_parts(engine, list(model.parameters()), zero_stage(trainer))
+    trainer.sam_run.zero_parts = parts = zero_parts(engine, list(model.parameters()), zero_stage(trainer))
     return parts.tensors, {"partition_group": parts.group}
 
 
 def deepspeed_passes(trainer: Any, engine: MultiStepAscent) -> DeepSpeedPasses:
-    """The backend of one micro-batch under DeepSpeed; the held descents live on the trainer across its
+    """The backend of one micro-batch under DeepSpeed; the held descents live in the run's state across its
     micro-batches."""
-    held = getattr(trainer, "_sam_held_descent", None)
+    held = trainer.sam_run.held_descent
     if held is None:
-        held = trainer._sam_held_descent = HeldDescent()
+        held = trainer.sam_run.held_descent = HeldDescent()
     return DeepSpeedPasses(
         trainer.accelerator.deepspeed_engine_wrapped.engine,
-        trainer._sam_zero_parts,
+        trainer.sam_run.zero_parts,
         rewrites=trainer.sam_config.descent != "last",
         held=held,
         last_micro_batch=trainer.accelerator.sync_gradients,  # the micro-batch the optimizer steps after

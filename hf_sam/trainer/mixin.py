@@ -31,6 +31,7 @@ from .msam import MomentumSAMStep, momentum_key
 from .passes import PlainPasses
 from .precision import FidelityLog, loss_scale
 from .rho_schedule import LearningRateRho
+from .run_state import SAMRun
 from .sam_state import load_sam_state, save_sam_state
 from .step_metrics import SAMStepMetrics
 
@@ -60,7 +61,7 @@ class _AfterOptimizerStep(TrainerCallback):
         self.trainer = trainer
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        engine = self.trainer._sam_engine
+        engine = self.trainer.sam_run.engine
         if engine is not None:
             # accelerate's wrapper knows whether its GradScaler skipped the step (it has read the scale already)
             skipped = bool(getattr(self.trainer.optimizer, "step_was_skipped", False))
@@ -99,9 +100,7 @@ class SAMMixin:
             sam_config = self.args.sam_config if isinstance(self.args, SAMArgumentsMixin) else SAMConfig()
         sam_config.validate()
         self.sam_config = sam_config
-        self._sam_engine: MultiStepAscent | None = None
-        self._sam_bound_to: nn.Module | None = None
-        self._sam_batchnorms: list[nn.Module] = []
+        self.sam_run = SAMRun()  # what one train() owns (hf_sam.trainer.run_state)
         self._sam_metrics = SAMStepMetrics(sam_config.diagnostics)
         self.sam_micro_batches_run = 0
         # XSAM's dynamic alpha and the epoch it was chosen in (saved with checkpoints)
@@ -113,10 +112,7 @@ class SAMMixin:
         self._sam_rho_schedule = (
             LearningRateRho(sam_config.rho, sam_config.rho_min) if sam_config.rho_schedule == "lr" else None
         )
-        self._sam_pending_tensors: dict[str, Any] | None = None  # state read from a checkpoint, not yet bound
         self._sam_fidelity = FidelityLog()  # sam/perturbation_fidelity
-        self._sam_optimizer_checked = False  # once per train(), before its first pass
-        self._sam_flops_factor = 1.0  # the last micro-batch's passes, in forward+backward passes
         if sam_config.ascent_steps >= 1:
             self.add_callback(_EverySAMStepRan(self))
             self.add_callback(_AfterOptimizerStep(self))
@@ -140,18 +136,16 @@ class SAMMixin:
     def train(self, *args: Any, **kwargs: Any) -> Any:
         # every train() call may train another model (model_init, hyperparameter_search) or
         # re-wrap it: bind anew at its first step, after accelerate has prepared the model
-        self._sam_unbind()
+        self._sam_new_run()
         try:
             return super().train(*args, **kwargs)
         finally:
-            self._sam_unbind()
+            self._sam_new_run()
 
-    def _sam_unbind(self) -> None:
-        self._sam_optimizer_checked = False
-        self._sam_engine = None
-        self._sam_bound_to = None
-        self._sam_batchnorms = []
-        # state carried across steps belongs to one run: a resumed run reads it back from its checkpoint
+    def _sam_new_run(self) -> None:
+        """A new run's state: a new SAMRun, and no every-n memory or rho bounds from an earlier run (a resumed run
+        reads them back from its checkpoint)."""
+        self.sam_run = SAMRun()
         if self._sam_every_n is not None:
             self._sam_every_n.forget()
         if self._sam_rho_schedule is not None:
@@ -159,7 +153,7 @@ class SAMMixin:
 
     def _sam_bind(self, model: nn.Module) -> MultiStepAscent:
         """The engine for the model being trained (the one training_step receives)."""
-        if self._sam_engine is None or self._sam_bound_to is not model:
+        if self.sam_run.engine is None or self.sam_run.bound_to is not model:
             check_trainable_dtypes(model)
             kwargs = {**self.sam_config.engine_kwargs(), "perturbed_weights": perturbed_weights_mode(self)}
             params, placement = list(model.parameters()), {}
@@ -170,11 +164,11 @@ class SAMMixin:
             memory = self._sam_every_n.memory if self._sam_every_n is not None else None
             if memory is not None:  # LookSAM: SAM's descent that also remembers g_v
                 kwargs["descent"] = memory
-            self._sam_engine = MultiStepAscent(params, **kwargs, **placement)
-            self._sam_load_pending_state(self._sam_engine)
-            self._sam_bound_to = model
-            self._sam_batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        return self._sam_engine
+            self.sam_run.engine = MultiStepAscent(params, **kwargs, **placement)
+            self._sam_load_pending_state(self.sam_run.engine)
+            self.sam_run.bound_to = model
+            self.sam_run.batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        return self.sam_run.engine
 
     # --------------------------------------------------------------------- the step
     def sam_shared_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -221,9 +215,9 @@ class SAMMixin:
         """
         if self.sam_config.ascent_steps == 0:
             return super().training_step(model, inputs, num_items_in_batch)
-        if not self._sam_optimizer_checked:  # before any pass: an in-backward step would move the weights first
+        if not self.sam_run.optimizer_checked:  # before any pass: an in-backward step would move the weights first
             check_optimizer_steps_outside_backward(self.optimizer, model)
-            self._sam_optimizer_checked = True
+            self.sam_run.optimizer_checked = True
         stock = lambda: super(SAMMixin, self).training_step(model, inputs, num_items_in_batch)  # noqa: E731
         if self.is_deepspeed_enabled:
             from .deepspeed import stock_pass
@@ -262,7 +256,7 @@ class SAMMixin:
         micro = SAMMicroBatch(
             engine=engine,
             sync=GradientSync(model, config.sync_ascent),
-            batchnorms=self._sam_batchnorms,
+            batchnorms=self.sam_run.batchnorms,
             run_pass=lambda batch, factor, backward: self._sam_pass(model, batch, num_items_in_batch, factor, backward),
             inputs=extra_inputs,
             side_effects=lambda: rolled_back(self, self.sam_rollback_attributes),
@@ -302,7 +296,7 @@ class SAMMixin:
     def floating_point_ops(self, inputs: dict[str, Any]) -> float:
         """The stock count of one forward+backward pass (called right after each micro-batch's
         ``training_step``), times the passes SAM made in that micro-batch: ``total_flos`` counts SAM's compute."""
-        return super().floating_point_ops(inputs) * self._sam_flops_factor
+        return super().floating_point_ops(inputs) * self.sam_run.flops_factor
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """The base class's card, with SAM's method, papers and settings in its hyperparameters."""
@@ -341,7 +335,7 @@ class SAMMixin:
         """The micro-batch made ``passes`` forward+backward passes and ``forwards`` forward-only ones."""
         self.sam_micro_batches_run += 1
         # a forward is 2 of the 6 FLOPs per parameter and token a forward+backward costs
-        self._sam_flops_factor = passes + forwards / 3
+        self.sam_run.flops_factor = passes + forwards / 3
         self._sam_metrics.count_passes(passes, self.state.global_step)
 
     def _sam_current_rho(self) -> float:
@@ -353,7 +347,7 @@ class SAMMixin:
 
     def _sam_load_pending_state(self, engine: MultiStepAscent) -> None:
         """State read from a checkpoint before the engine existed (F-SAM's m, LookSAM's g_v)."""
-        pending, self._sam_pending_tensors = self._sam_pending_tensors, None
+        pending, self.sam_run.pending_state = self.sam_run.pending_state, None
         if not pending:
             return
         if "engine" in pending:  # LookSAM's memory is the engine's descent: its g_v comes back through here too

@@ -94,6 +94,6 @@ class FidelityLog:
             return None
         if self._probe is None or self._probe[0] is not engine:
             # under ZeRO the engine holds this rank's parts: measured over them, as over FSDP2's own shards
-            parts = getattr(trainer, "_sam_zero_parts", None) if trainer.is_deepspeed_enabled else None
+            parts = trainer.sam_run.zero_parts if trainer.is_deepspeed_enabled else None
             self._probe = (engine, FidelityProbe(model, engine, dtype, None if parts is None else parts.params))
         return self._probe[1]

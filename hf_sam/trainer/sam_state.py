@@ -37,12 +37,12 @@ def save_sam_state(trainer: Any, folder: str) -> None:
 def sam_tensor_state(trainer: Any) -> dict[str, Any]:
     """What the engine carries across steps (F-SAM's momentum, LookSAM's g_v: its descent's), as CPU tensors (empty
     when the run has none)."""
-    engine = trainer._sam_engine
+    engine = trainer.sam_run.engine
     if engine is not None:
         state = engine.state_dict()
         return {"engine": state} if any(state.values()) else {}
-    if trainer._sam_pending_tensors and "engine" in trainer._sam_pending_tensors:
-        return {"engine": trainer._sam_pending_tensors["engine"]}  # loaded, not yet bound
+    if trainer.sam_run.pending_state and "engine" in trainer.sam_run.pending_state:
+        return {"engine": trainer.sam_run.pending_state["engine"]}  # loaded, not yet bound
     return {}
 
 
@@ -60,4 +60,4 @@ def load_sam_state(trainer: Any, checkpoint: str | None) -> None:
             trainer._sam_rho_schedule.bounds = tuple(state["rho_lr_bounds"])
     tensors = tensor_state_file(checkpoint, trainer.args.process_index)
     if os.path.isfile(tensors):
-        trainer._sam_pending_tensors = torch.load(tensors, weights_only=True)
+        trainer.sam_run.pending_state = torch.load(tensors, weights_only=True)

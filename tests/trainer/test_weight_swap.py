@@ -45,7 +45,7 @@ def test_the_perturbed_passes_run_on_the_spare_buffers(tmp_path, k):
     passes = PassStorages(model)
     trainer = sam_trainer(tmp_path, model, rows, sam_ascent_steps=k, sam_rho=0.3)
     trainer.training_step(model, _inputs(rows))
-    assert trainer._sam_engine.perturbed_weights == "swap"
+    assert trainer.sam_run.engine.perturbed_weights == "swap"
     clean, *perturbed = passes.seen
     assert clean == homes and len(perturbed) == k
     assert all(not set(s) & set(homes) for s in perturbed)
@@ -82,7 +82,7 @@ def test_an_fp16_ascent_overflow_points_the_parameters_back(tmp_path):
     trainer.accelerator.native_amp = True
     before = [p.detach().clone() for p in model.parameters()]
     trainer.training_step(model, _inputs(rows))
-    assert trainer._sam_engine.skipped
+    assert trainer.sam_run.engine.skipped
     assert all(not set(s) & set(homes) for s in passes.seen[1:]), "the passes after the drop ran on the buffers"
     assert _storages(model) == homes
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
@@ -98,7 +98,7 @@ class GraphCount(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-        self.ways.add(self.trainer._sam_engine.perturbed_weights)
+        self.ways.add(self.trainer.sam_run.engine.perturbed_weights)
 
 
 def test_compile_does_not_recompile_per_step_with_the_swap(tmp_path):
