@@ -144,7 +144,7 @@ class MultiStepAscent:
 
     # what the descents read (hf_sam.engine.descents.base.DescentContext)
     weights = property(lambda self: self._weights, doc="The trainable tensors (local shards under FSDP2).")
-    backup = property(lambda self: self._moved.originals, doc="w during the step (never written by the step).")
+    backup = property(lambda self: self._moved.backup, doc="w during the step (never written by the step).")
     layout = property(lambda self: self._layout, doc="Which tensors are shards.")
     asam_scale = property(lambda self: self._scale, doc="ASAM's T = |w| + eta for this step (None without ASAM).")
 
@@ -193,7 +193,7 @@ class MultiStepAscent:
         for p in self.params:
             p.grad = None
         if self.adaptive:
-            self._scale = torch._foreach_abs(self._moved.originals)
+            self._scale = torch._foreach_abs(self._moved.backup)
             torch._foreach_add_(self._scale, self.adaptive_eta)
         self._reset_step_state()
         self.descent_rule.begin(len(self.params))

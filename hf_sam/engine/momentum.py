@@ -60,7 +60,7 @@ class MomentumPerturbation:
         self._moved.begin(self._weights)
         v = [local(m).to(w.dtype) for m, w in zip(momenta, self._weights, strict=True)]
         if self.adaptive:
-            scale = torch._foreach_abs(self._moved.originals)
+            scale = torch._foreach_abs(self._moved.backup)
             torch._foreach_add_(scale, self.adaptive_eta)
             v = torch._foreach_mul(v, scale)  # T v
         norm = global_norm(v, self._layout, self._layout.flags()).to(device)

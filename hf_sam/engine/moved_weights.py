@@ -73,7 +73,7 @@ class MovedWeights:
     """Keeps w while the parameters sit at a perturbed point, and brings them back (see the module).
 
     ``weights`` are what the engine moves in place (the parameters, or their local shards), ``params``
-    the parameters themselves. Between :meth:`begin` and :meth:`restore`, :attr:`originals` is w.
+    the parameters themselves. Between :meth:`begin` and :meth:`restore`, :attr:`backup` is w.
     """
 
     def __init__(self, params: Sequence[Tensor], weights: Sequence[Tensor], mode: str) -> None:
@@ -81,7 +81,7 @@ class MovedWeights:
         self.mode = mode
         self._weights = list(weights)
         self._spare: list[Tensor] | None = None  # swap: the perturbed point; copy: the snapshot of w
-        self._originals: list[Tensor] = []
+        self._backup: list[Tensor] = []
         self._aliases: list[Tensor] = []
         self._where: list[int] = []  # the weights' addresses when the buffers were made
         self.out = False  # swap: the parameters point at the spare buffers
@@ -90,9 +90,9 @@ class MovedWeights:
         self._fast_dtypes = False  # all float32/float64, where the step size is not rounded to the weights' dtype
 
     @property
-    def originals(self) -> list[Tensor]:
+    def backup(self) -> list[Tensor]:
         """w during the step (the untouched storage under swap, the snapshot under copy)."""
-        return self._originals
+        return self._backup
 
     @property
     def buffers(self) -> list[Tensor]:
@@ -106,9 +106,9 @@ class MovedWeights:
         self.moved = False
         if self.mode == "copy":
             torch._foreach_copy_(self._spare, self._weights)
-            self._originals = self._spare
+            self._backup = self._spare
         else:
-            self._originals = self._aliases
+            self._backup = self._aliases
 
     def move_out(self) -> None:
         """Before a write in place to the weights of a step: under swap, give the buffers w and point the
@@ -116,7 +116,7 @@ class MovedWeights:
         self.moved = True
         if self.mode == "copy" or self.out:
             return
-        torch._foreach_copy_(self._spare, self._originals)
+        torch._foreach_copy_(self._spare, self._backup)
         self._point_out()
 
     def move(
@@ -132,10 +132,10 @@ class MovedWeights:
             add_scaled_unless_([self._weights[j] for j in idx], directions, scale, skip, uniform)
             return
         self.moved = True
-        originals = [self._originals[j] for j in idx]
+        backup = [self._backup[j] for j in idx]
         # the step size in the weights' dtype, as the fused kernel rounds it (and a 0-d w does not promote)
-        by_dtype = {d: clamped(scale, d).to(d) for d in {w.dtype for w in originals}}
-        steps = [by_dtype[w.dtype] for w in originals]
+        by_dtype = {d: clamped(scale, d).to(d) for d in {w.dtype for w in backup}}
+        steps = [by_dtype[w.dtype] for w in backup]
         if self.mode == "copy":  # the same kernel in place: w is the snapshot's value, bit for bit
             targets = [self._weights[j] for j in idx]
             torch._foreach_addcmul_(targets, directions, steps)
@@ -144,14 +144,14 @@ class MovedWeights:
             # let go first, so that only one extra copy of the weights is ever held
             for j in idx:
                 self._spare[j] = None
-            targets = torch._foreach_addcmul(originals, directions, steps)
+            targets = torch._foreach_addcmul(backup, directions, steps)
             for j, t in zip(idx, targets, strict=True):
                 self._spare[j] = t
-        copy_where_(targets, originals, skip, directions)  # a dropped or zero ascent: back to w
+        copy_where_(targets, backup, skip, directions)  # a dropped or zero ascent: back to w
         if self.mode == "swap":
             rest = sorted(set(range(len(self._weights))) - set(idx))  # no gradient this pass: at w
             if rest:
-                torch._foreach_copy_([self._spare[j] for j in rest], [self._originals[j] for j in rest])
+                torch._foreach_copy_([self._spare[j] for j in rest], [self._backup[j] for j in rest])
             self._point_out()
 
     def _point_out(self) -> None:
@@ -163,13 +163,13 @@ class MovedWeights:
         """The weights back at w, bit for bit: the parameters point at their storage again (swap), or
         the snapshot is copied back (copy)."""
         if self.mode == "copy":
-            if self._originals:
-                torch._foreach_copy_(self._weights, self._originals)
+            if self._backup:
+                torch._foreach_copy_(self._weights, self._backup)
         elif self.out:
-            for p, original in zip(self.params, self._originals, strict=True):
+            for p, original in zip(self.params, self._backup, strict=True):
                 p.data = original
             self.out = False
-        self._originals = []
+        self._backup = []
         self.moved = False
 
     def _prepare(self) -> None:

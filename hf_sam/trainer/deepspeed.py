@@ -42,7 +42,7 @@ import torch
 
 from ..engine.ascent import MultiStepAscent
 from .deepspeed_precision import check_precision, map_bf16_onto_autocast
-from .passes import Backward
+from .gradient_backend import Backward
 from .zero_partitions import ReplicatedParts, ZeroParts, zero_parts
 
 
@@ -97,7 +97,7 @@ def _added(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | Non
     return b if a is None else (a if b is None else a + b)
 
 
-class DeepSpeedPasses:
+class DeepSpeedBackend:
     """The passes of one SAM micro-batch on a DeepSpeed engine (see the module); the SAM engine works on
     this rank's parts (:mod:`hf_sam.trainer.zero_partitions`)."""
 
@@ -192,13 +192,13 @@ def sam_engine_tensors(trainer: Any, model: Any) -> tuple[list[torch.nn.Paramete
     return parts.tensors, {"partition_group": parts.group}
 
 
-def deepspeed_passes(trainer: Any, engine: MultiStepAscent) -> DeepSpeedPasses:
+def deepspeed_backend(trainer: Any, engine: MultiStepAscent) -> DeepSpeedBackend:
     """The backend of one micro-batch under DeepSpeed; the held descents live in the run's state across its
     micro-batches."""
     held = trainer.sam_run.held_descent
     if held is None:
         held = trainer.sam_run.held_descent = HeldDescent()
-    return DeepSpeedPasses(
+    return DeepSpeedBackend(
         trainer.accelerator.deepspeed_engine_wrapped.engine,
         trainer.sam_run.zero_parts,
         rewrites=trainer.sam_config.descent != "last",

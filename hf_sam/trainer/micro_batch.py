@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ..engine.ascent import MultiStepAscent
+from .gradient_backend import AutogradBackend, GradientBackend
 from .launch import GradientSync
-from .passes import PlainPasses
 
 
 @contextlib.contextmanager
@@ -84,9 +84,9 @@ class SAMMicroBatch:
         inputs: dict[str, Any],
         side_effects: Callable[[], contextlib.AbstractContextManager],
         rng: RandomState | None,
-        probe: Callable[[], torch.Tensor] | None = None,
+        loss_at: Callable[[], torch.Tensor] | None = None,
         alphas: list[float] | None = None,
-        passes: PlainPasses | None = None,
+        backend: GradientBackend | None = None,
         at_perturbed: Callable[[MultiStepAscent], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.engine = engine
@@ -96,9 +96,9 @@ class SAMMicroBatch:
         self.inputs = inputs
         self.side_effects = side_effects
         self.rng = rng
-        self.probe = probe  # XSAM's dynamic alpha: the loss of a forward pass at the current weights
+        self.loss_at = loss_at  # XSAM's dynamic alpha: the loss of a forward pass at the current weights
         self.alphas = alphas
-        self.passes = passes or PlainPasses()  # where the gradients are (DeepSpeed: its own backend)
+        self.backend = backend or AutogradBackend()  # where the gradients are (DeepSpeed: its own backend)
         self.at_perturbed = at_perturbed  # a measurement at w + d_k (sam/perturbation_fidelity)
         self.measured: dict[str, torch.Tensor] = {}
         self.ran = False
@@ -130,9 +130,9 @@ class SAMMicroBatch:
             put_back()
 
     def _run(self, clean: torch.Tensor, backward: Callable[[torch.Tensor], None]) -> None:
-        engine, passes = self.engine, self.passes
-        ascent_backward = lambda loss: passes.ascent_backward(loss, backward)  # noqa: E731
-        passes.begin(engine)
+        engine, backend = self.engine, self.backend
+        ascent_backward = lambda loss: backend.ascent_backward(loss, backward)  # noqa: E731
+        backend.begin(engine)
         self.ran = True
         ascent_backward(clean)  # the first ascent gradient, at w
         self.clean = clean.detach()
@@ -140,31 +140,31 @@ class SAMMicroBatch:
         after_clean = RandomState(self.rng.device) if self.rng is not None else None
         with self.side_effects(), frozen_batchnorm_stats(self.batchnorms):
             try:
-                passes.ascend(engine)
+                backend.ascend(engine)
                 # all k passes: a dropped ascent is known on the device only; its remaining steps do not move
                 for _ in range(engine.ascent_steps - 1):
                     self._replay()
                     self.pass_losses.append(self.run_pass(self.inputs, 1.0, ascent_backward))
-                    passes.ascend(engine)
-                factor = passes.begin_descent(engine)
+                    backend.ascend(engine)
+                factor = backend.begin_descent(engine)
                 if self.at_perturbed is not None:
                     self.measured = self.at_perturbed(engine)
                 self._replay()
                 with self.sync.descent():
                     self.perturbed = self.run_pass(
-                        self.inputs, factor, lambda loss: passes.descent_backward(loss, backward)
+                        self.inputs, factor, lambda loss: backend.descent_backward(loss, backward)
                     )
-                if self.probe is not None:
-                    engine.choose_xsam_alpha(self._replayed(self.probe), self.alphas)
-                passes.end_descent(engine)
+                if self.loss_at is not None:
+                    engine.choose_xsam_alpha(self._replayed(self.loss_at), self.alphas)
+                backend.end_descent(engine)
             finally:
                 if after_clean is not None:  # the run goes on as if only the clean pass had drawn
                     after_clean.apply()
 
-    def _replayed(self, probe: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    def _replayed(self, loss_at: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
             self._replay()
-            return probe()
+            return loss_at()
 
         return run
 

@@ -23,12 +23,12 @@ from . import compat
 from .args import SAMArgumentsMixin
 from .checks import check_launch, check_optimizer_steps_outside_backward, check_trainable_dtypes, perturbed_weights_mode
 from .every_n import EveryNSteps
+from .gradient_backend import AutogradBackend, GradientBackend
 from .launch import GradientSync
 from .lookbehind import LookbehindStep, check_lookbehind
 from .micro_batch import RandomState, SAMMicroBatch, frozen_batchnorm_stats, rolled_back
 from .model_card import add_sam_to_card
 from .msam import MomentumSAMStep, momentum_key
-from .passes import PlainPasses
 from .precision import FidelityLog, loss_scale
 from .rho_schedule import LearningRateRho
 from .run_state import SAMRun
@@ -212,6 +212,11 @@ class SAMMixin:
 
         The descent gradient is added to p.grad like the stock step's; the returned loss is the
         clean loss at w (what the stock Trainer reports for this batch).
+
+        Where the passes run: this method ends in the Trainer's own ``training_step`` (so a subclass's
+        ``compute_loss`` and contexts, TRL's included, apply), inside ``micro.driving(accelerator)``, which
+        takes over that step's one ``accelerator.backward(loss)`` call: the clean pass's backward, then the
+        other k passes, then the descent (``SAMMicroBatch._run`` in :mod:`hf_sam.trainer.micro_batch`).
         """
         if self.sam_config.ascent_steps == 0:
             return super().training_step(model, inputs, num_items_in_batch)
@@ -261,16 +266,17 @@ class SAMMixin:
             inputs=extra_inputs,
             side_effects=lambda: rolled_back(self, self.sam_rollback_attributes),
             rng=RandomState(engine.params[0].device) if config.replay_rng else None,
-            probe=(lambda: self._sam_probe_loss(model, extra_inputs, num_items_in_batch)) if choose else None,
+            loss_at=(lambda: self._sam_loss_at(model, extra_inputs, num_items_in_batch)) if choose else None,
             alphas=alpha_grid(config.xsam_alpha_max) if choose else None,
-            passes=self._sam_passes(engine),
+            backend=self._sam_backend(engine),
             at_perturbed=self._sam_fidelity.probe(self, model, engine),
         )
         try:
+            # SAM takes over here: the stock step's accelerator.backward(loss) runs all k + 1 passes (see the docstring)
             with self.sam_step_context(), micro.driving(self.accelerator):
                 loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
-            micro.passes.restore(engine)
+            micro.backend.restore(engine)
         if not micro.ran:
             raise RuntimeError(
                 f"{type(self).__name__}.training_step made no accelerator.backward() call, so SAM could not run: "
@@ -316,19 +322,19 @@ class SAMMixin:
         return self._sam_xsam_epoch != self._sam_epoch_index()
 
     @torch.no_grad()
-    def _sam_probe_loss(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
+    def _sam_loss_at(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
         """The training loss at the current weights, forward only (BatchNorm frozen by the caller)."""
         prepared = self._prepare_inputs(dict(inputs))
         with self.compute_loss_context_manager():
             return self.compute_loss(model, dict(prepared), num_items_in_batch=num_items_in_batch).detach()
 
-    def _sam_passes(self, engine: MultiStepAscent) -> PlainPasses:
+    def _sam_backend(self, engine: MultiStepAscent) -> GradientBackend:
         """Where the passes' gradients are: autograd's p.grad, or DeepSpeed's partitions."""
         if not self.is_deepspeed_enabled:
-            return PlainPasses()
-        from .deepspeed import deepspeed_passes
+            return AutogradBackend()
+        from .deepspeed import deepspeed_backend
 
-        return deepspeed_passes(self, engine)
+        return deepspeed_backend(self, engine)
 
     # --------------------------------------------------------- state across steps
     def _sam_micro_batch_done(self, passes: int, forwards: int = 0) -> None:

@@ -163,13 +163,13 @@ PASS_METHODS = ("begin", "ascent_backward", "ascend", "begin_descent", "descent_
 def measure_allocations(out_dir, stage):
     from deepspeed.runtime.engine import DeepSpeedEngine
 
-    from hf_sam.trainer.deepspeed import DeepSpeedPasses
+    from hf_sam.trainer.deepspeed import DeepSpeedBackend
     from tests.allocations import Allocations, pause_methods, track_methods
 
     tracker = Allocations()
-    saved = {(cls, n): cls.__dict__[n] for cls, names in ((DeepSpeedPasses, PASS_METHODS),
+    saved = {(cls, n): cls.__dict__[n] for cls, names in ((DeepSpeedBackend, PASS_METHODS),
              (DeepSpeedEngine, ("backward", "step"))) for n in names}  # fmt: skip
-    track_methods(DeepSpeedPasses, PASS_METHODS, tracker)
+    track_methods(DeepSpeedBackend, PASS_METHODS, tracker)
     pause_methods(DeepSpeedEngine, ("backward", "step"), tracker)
 
     def sizes(trainer):

@@ -9,6 +9,7 @@ them, gather partitioned weights around its updates, and step the optimizer afte
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -17,7 +18,25 @@ from ..engine.ascent import MultiStepAscent
 Backward = Callable[[torch.Tensor], None]
 
 
-class PlainPasses:
+class GradientBackend(Protocol):
+    """What the micro-batch driver calls for each pass: where its gradient goes and how the engine reaches it."""
+
+    def begin(self, engine: MultiStepAscent) -> None: ...
+
+    def ascent_backward(self, loss: torch.Tensor, backward: Backward) -> None: ...
+
+    def ascend(self, engine: MultiStepAscent) -> None: ...
+
+    def begin_descent(self, engine: MultiStepAscent) -> float | torch.Tensor: ...
+
+    def descent_backward(self, loss: torch.Tensor, backward: Backward) -> None: ...
+
+    def end_descent(self, engine: MultiStepAscent) -> None: ...
+
+    def restore(self, engine: MultiStepAscent) -> None: ...
+
+
+class AutogradBackend:
     """Autograd puts each pass's gradient in p.grad, the accelerator's backward syncs it; the engine's
     calls pass straight through."""
 
