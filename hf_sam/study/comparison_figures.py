@@ -121,7 +121,7 @@ def compute_plot(points: pd.DataFrame, path: Path) -> None:
                         row["method"], (x + dx, row["accuracy"]), xytext=(text_x, y), fontsize=6.5, va="center",
                         arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.5},
                     )  # fmt: skip
-            front = _front(part).sort_values("passes_per_step")
+            front = part[part["on_front"]].sort_values("passes_per_step")  # pareto.csv's front, as it is
             ax.step(front["passes_per_step"], front["accuracy"], where="post", color="grey", linestyle="--",
                     linewidth=1, label="Pareto front")  # fmt: skip
             ax.set_xlim(part["passes_per_step"].min() - 0.3, part["passes_per_step"].max() + 1.2)
@@ -133,11 +133,3 @@ def compute_plot(points: pd.DataFrame, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _front(part: pd.DataFrame) -> pd.DataFrame:
-    keep = [
-        not ((part["passes_per_step"] <= row.passes_per_step) & (part["accuracy"] > row.accuracy)).any()
-        for row in part.itertuples()
-    ]
-    return part[keep]

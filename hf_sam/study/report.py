@@ -52,17 +52,17 @@ def _findings(summary: pd.DataFrame) -> list[str]:
 
 
 def _front_lines(data: pd.DataFrame) -> list[str]:
-    """The Pareto front of every task, cheapest first."""
+    """The Pareto front of every task and budget (the figure's panels, ``pareto.csv``'s on_front), cheapest first."""
     points = pareto_points(data)
     if points.empty:
         return []
     lines = []
-    for task, part in points[points["on_front"]].groupby("task", sort=False):
-        front = part.sort_values("passes")
+    for (task, budget), part in points[points["on_front"]].groupby(["task", "budget"], sort=False):
+        front = part.sort_values("passes_per_step")
         steps = ", ".join(
-            f"`{r.method}` ({r.budget}, {r.passes:.0f} passes, {r.accuracy:.4f})" for r in front.itertuples()
+            f"`{r.method}` ({r.passes_per_step:g} passes per step, {r.accuracy:.4f})" for r in front.itertuples()
         )
-        lines.append(f"- **{task}** front: {steps}.")
+        lines.append(f"- **{task}**, {budget}: {steps}.")
     return [*lines, ""]
 
 

@@ -76,8 +76,8 @@ def _passes_per_step(runs: pd.DataFrame) -> float:
 
 def pareto_points(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (task, budget, method): mean passes, mean accuracy with its 95% t interval over seeds,
-    and whether the point is on the task's Pareto front (no other point has at most its passes and a
-    higher accuracy)."""
+    and whether the point is on the Pareto front of its task and budget (no other point there has at most its passes
+    per step and a higher accuracy)."""
     from scipy import stats
 
     rows = []
@@ -96,8 +96,10 @@ def pareto_points(df: pd.DataFrame) -> pd.DataFrame:
     points = pd.DataFrame(rows)
     if points.empty:
         return points.assign(on_front=[])
+    # one front per task and budget (the figure's panel): no other point as cheap per step and more accurate
+    panels = {key: part for key, part in points.groupby(["task", "budget"])}
     points["on_front"] = [
-        not ((other["passes"] <= row.passes) & (other["accuracy"] > row.accuracy)).any()
-        for row, other in ((row, points[points["task"] == row.task]) for row in points.itertuples())
+        not ((other["passes_per_step"] <= row.passes_per_step) & (other["accuracy"] > row.accuracy)).any()
+        for row, other in ((row, panels[(row.task, row.budget)]) for row in points.itertuples())
     ]
     return points
