@@ -48,14 +48,14 @@ def _plt():
 
 
 def _lines_vs_k(ax, data: pd.DataFrame, value: str) -> None:
-    """One line per ascent rule over k; k=0 (AdamW) and k=1 (SAM) are shared by the rules."""
-    base = data[data["ascent_steps"] <= 1]
-    for family in ("normalized", "projected", "accumulated", "mean", "asam", "xsam", "xsam-fixed", "lookbehind"):
-        part = data[data["family"] == family]
-        if family != "asam":
-            part = pd.concat([base[base["family"].isin(["adamw", "normalized"])], part])
-        if part.empty or part["family"].eq(family).sum() == 0:
-            continue
+    """One line per family present over k (every member of the SAM family, not the rules alone); k = 0 (AdamW) is
+    shared by all, and k = 1 (SAM) by the families without a k = 1 run of their own (the rules, mean, XSAM)."""
+    adamw = data[data["family"] == "adamw"]
+    sam = data[(data["family"] == "normalized") & (data["ascent_steps"] == 1)]
+    for family in [f for f in FAMILY_COLORS if f != "adamw" and f in set(data["family"])]:
+        own = data[data["family"] == family]
+        shared = [adamw] if family == "asam" or (own["ascent_steps"] == 1).any() else [adamw, sam]
+        part = pd.concat([*shared, own])
         stats = part.groupby("ascent_steps")[value].agg(["mean", "std"]).reset_index()
         ax.errorbar(
             stats["ascent_steps"],
@@ -64,7 +64,7 @@ def _lines_vs_k(ax, data: pd.DataFrame, value: str) -> None:
             marker="o",
             capsize=3,
             label=family,
-            color=FAMILY_COLORS[family],
+            color=FAMILY_COLORS.get(family, "grey"),
         )
     ax.set_xlabel("ascent steps k")
 

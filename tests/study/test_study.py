@@ -76,8 +76,13 @@ def test_pareto_front():
     ):
         for seed, acc in enumerate(accs):
             rows.append({"task": "t", "budget": "epochs", "method": method, "family": "x", "seed": seed,
-                         "eval_accuracy": acc, "forward_backward_passes": passes})  # fmt: skip
-    points = pareto_points(pd.DataFrame(rows)).set_index("method")
+                         "eval_accuracy": acc, "forward_backward_passes": passes, "optimizer_steps": 50})  # fmt: skip
+    # another budget's points are another front: a cheaper, more accurate run there dominates nothing here
+    rows.append({"task": "t", "budget": "compute", "method": "cheap", "family": "x", "seed": 0,
+                 "eval_accuracy": 0.99, "forward_backward_passes": 100, "optimizer_steps": 100})  # fmt: skip
+    points = pareto_points(pd.DataFrame(rows))
+    assert points[points["budget"] == "compute"]["on_front"].tolist() == [True]
+    points = points[points["budget"] == "epochs"].set_index("method")
     assert points["on_front"].to_dict() == {"cheap": True, "dominated": False, "better": True, "costly": False}
     # mean 0.81 of (0.80, 0.82): sd 0.01414, t(0.975, 1) = 12.706 -> half width 0.127
     assert points.loc["cheap", "accuracy"] == pytest.approx(0.81)
@@ -189,7 +194,7 @@ def test_tiny_study_end_to_end_with_resume(tmp_path, monkeypatch):
     xsam = [row for row in results if row["method"] == "xsam-k2"]
     assert xsam and all(0.0 <= row["train_sam_xsam_alpha"] <= 2.0 for row in xsam)
     assert "`lookbehind-k2`" in report and "`msam`" in report and "`looksam-n2-k2`" in report
-    assert "front:" in report and (out / "pareto.csv").exists()
+    assert "- **digits**, epochs: `" in report and (out / "pareto.csv").exists()
     surfaces = [r for r in runs if "surface" in __import__("numpy").load(run_dir(out, r) / "landscape.npz")]
     assert {r.method for r in surfaces} == {"sam", "normalized-k2"}
 
