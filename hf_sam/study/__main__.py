@@ -66,6 +66,8 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     )
     if args.seeds is not None:
         config.task_seeds = {}  # the seeds asked for, on every task
+    if args.rhos is not None:
+        config.task_rhos = {}  # the radii asked for, on every task
     if args.epochs is not None:
         config.training_overrides = {**config.training_overrides, "num_train_epochs": args.epochs}
     return config
@@ -81,7 +83,7 @@ def surface_runs(config: StudyConfig, runs) -> set[str]:
         if r.method in chosen
         and r.seed == config.task_seeds.get(r.task, config.seeds)[0]
         and r.budget == "epochs"
-        and r.rho == config.rhos[0]
+        and r.rho == config.task_rhos.get(r.task, config.rhos)[0]
     }
 
 

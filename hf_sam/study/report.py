@@ -93,15 +93,17 @@ def _task_lines(config: StudyConfig) -> list[str]:
         noise = spec.data.get("label_noise", 0.0)
         training = {**spec.training, **config.training_overrides}
         seeds = config.task_seeds.get(name, config.seeds)
+        rhos = ", ".join(f"{r:g}" for r in config.task_rhos.get(name, config.rhos))
         rows.append(
             f"| {name} | `{spec.data.get('dataset_name')}` | {source} | {tuning} | {examples} | "
-            f"{100 * noise:g}% | {training.get('num_train_epochs')} | {training.get('learning_rate')} | {len(seeds)} |"
+            f"{100 * noise:g}% | {training.get('num_train_epochs')} | {training.get('learning_rate')} | {rhos} | "
+            f"{len(seeds)} |"
         )
         if model == "embedded:resnet-mnist5k":
             notes.append(_pretrained_resnet_note())
     return [
-        "| task | data | model | tuning | training examples | label noise | epochs | learning rate | seeds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | data | model | tuning | training examples | label noise | epochs | learning rate | rho | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         *[note for note in dict.fromkeys(notes)],
@@ -180,7 +182,7 @@ def write_report(config: StudyConfig, root: Path) -> Path:
         "",
         f"Preset `{config.preset}`: tasks {', '.join(config.tasks)}; methods {', '.join(config.methods)}; "
         f"rho {', '.join(f'{r:g}' for r in config.rhos)}; seeds {', '.join(map(str, config.seeds))} (unless the task "
-        f"says otherwise below); budgets {', '.join(config.budgets)}. {len(df)} runs.",
+        f"says otherwise below: its own rho and seeds); budgets {', '.join(config.budgets)}. {len(df)} runs.",
         "",
         *_task_lines(config),
         "Every run trains with `SAMTrainer` (k = 0 is plain AdamW through the same code path). "
