@@ -157,6 +157,12 @@ class LookbehindOptions:
 declare_builtin(
     Variant("method", "lookbehind", "k ascent steps of rho with an optimizer step after each, then the slow weights "
             "move by alpha towards the fast ones", options=LookbehindOptions,
-            refusals=(Refusal("DeepSpeed", "its exact rule under ZeRO's partitioned gradients is not proven"),),
+            refusals=(
+                Refusal("DeepSpeed", "its exact rule under ZeRO's partitioned gradients is not proven"),
+                Refusal("several processes", "its inner steps under DDP are untested: it runs in one process for now"),
+                Refusal("gradient accumulation", "its inner optimizer steps would each see one micro-batch; use "
+                        "gradient_accumulation_steps=1 with a larger batch"),
+                Refusal("fp16", "every inner optimizer step would need its own scaler step; use bf16 or fp32"),
+            ),
             paper="Lookbehind-SAM (Mordido et al., 2024, arXiv 2307.16704)")
 )  # fmt: skip

@@ -16,7 +16,14 @@ from typing import Any
 
 KINDS = ("ascent_rule", "descent", "direction", "method")
 # the settings the registry can refuse a variant in (the docs' "where it runs" column)
-WHERE = ("several processes without sam_sync_ascent", "gradient accumulation on several processes", "DeepSpeed")
+WHERE = (
+    "several processes without sam_sync_ascent",
+    "gradient accumulation on several processes",
+    "DeepSpeed",
+    "several processes",
+    "gradient accumulation",
+    "fp16",
+)
 
 Fail = Callable[[str, object, str], None]
 

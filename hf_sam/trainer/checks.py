@@ -109,10 +109,14 @@ def check_variants(trainer) -> None:
     gradient g with g_s, as a variant that needs one gradient for all ranks."""
     config, args = trainer.sam_config, trainer.args
     several = getattr(args, "world_size", 1) > 1
+    accumulation = args.gradient_accumulation_steps > 1
     settings = {
         "several processes without sam_sync_ascent": several and not config.sync_ascent,
-        "gradient accumulation on several processes": several and args.gradient_accumulation_steps > 1,
+        "gradient accumulation on several processes": several and accumulation,
         "DeepSpeed": bool(getattr(trainer, "is_deepspeed_enabled", False)),
+        "several processes": several,
+        "gradient accumulation": accumulation,
+        "fp16": bool(getattr(args, "fp16", False)),
     }
     refusals = [(f"sam_{kind}={variant.name!r}", r) for kind, variant, options in chosen_variants(config)
                 for r in variant.refusals if r.applies(options)]  # fmt: skip
@@ -131,7 +135,9 @@ def _refusal_message(flag: str, refusal: Refusal) -> str:
         return f"{flag} with several processes needs --sam_sync_ascent true: {refusal.why}."
     if refusal.where == "gradient accumulation on several processes":
         return f"{flag} with several processes does not support gradient accumulation: {refusal.why}."
-    return f"{flag} is not supported under DeepSpeed: {refusal.why}."
+    if refusal.where == "DeepSpeed":
+        return f"{flag} is not supported under DeepSpeed: {refusal.why}."
+    return f"{flag} does not support {refusal.where}: {refusal.why}."
 
 
 def check_fsdp(trainer) -> None:

@@ -21,25 +21,6 @@ from transformers import TrainerCallback
 from ..engine.lookbehind import ascend_, look_behind_
 
 
-def check_lookbehind(trainer) -> None:
-    """Refuse the set-ups the split above cannot make exact."""
-    args = trainer.args
-    if args.gradient_accumulation_steps > 1:
-        raise ValueError(
-            "sam_method='lookbehind' does not support gradient accumulation: its inner optimizer steps would "
-            "each see one micro-batch. Use gradient_accumulation_steps=1 with a larger batch."
-        )
-    if args.fp16:
-        raise ValueError(
-            "sam_method='lookbehind' does not support fp16 loss scaling (every inner optimizer step would need "
-            "its own scaler step). Use bf16 or fp32."
-        )
-    if args.world_size > 1:
-        raise ValueError(
-            "sam_method='lookbehind' runs in one process for now (its inner steps under DDP are untested)."
-        )
-
-
 class LookbehindStep(TrainerCallback):
     """One trainer's Lookbehind state: the slow weights of the batch in flight, until the Trainer's step."""
 

@@ -25,7 +25,7 @@ from .checks import check_launch, check_optimizer_steps_outside_backward, check_
 from .every_n import EveryNSteps
 from .gradient_backend import AutogradBackend, GradientBackend
 from .launch import GradientSync
-from .lookbehind import LookbehindStep, check_lookbehind
+from .lookbehind import LookbehindStep
 from .micro_batch import RandomState, SAMMicroBatch, frozen_batchnorm_stats, rolled_back
 from .model_card import add_sam_to_card
 from .msam import MomentumSAMStep, momentum_key
@@ -120,7 +120,6 @@ class SAMMixin:
             if self.model is not None:
                 check_trainable_dtypes(self.model)
         if sam_config.method == "lookbehind":
-            check_lookbehind(self)
             self._lookbehind = LookbehindStep(self)
             self.add_callback(self._lookbehind)
 
