@@ -9,6 +9,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import VARIANT_KINDS
+from ..engine import variants
+
 TINY_BERT = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
 
 
@@ -148,11 +151,11 @@ class MethodSpec:
             return "late"
         if self.every_n_steps > 1:
             return "looksam" if self.reuse_alpha > 0 else "every-n"
-        if self.direction == "friendly":
-            return "friendly"
+        if self.direction != "gradient":
+            return self.direction
         if self.adaptive:
             return "asam"
-        if self.descent in ("mean", "xsam", "gsam", "wsam"):
+        if self.descent != "last":
             return self.descent if self.xsam_alpha is None else "xsam-fixed"
         return self.ascent_rule
 
@@ -169,8 +172,7 @@ class MethodSpec:
 XSAM_FIXED_ALPHA = 0.5
 # LookSAM's weight of the reused direction (the paper's and pytorch_optimizer's 0.7)
 LOOKSAM_ALPHA = 0.7
-_KINDS = "normalized|projected|accumulated|mean|asam|xsam|xsam-fixed|lookbehind|gsam|wsam|friendly"
-_METHOD = re.compile(rf"^({_KINDS})-k(\d+)$")
+_METHOD = re.compile(r"^([a-z][a-z0-9_-]*?)-k(\d+)$")  # <a registered variant, asam or xsam-fixed>-k<N>
 _EVERY_N = re.compile(r"^(looksam|every)-n(\d+)-k(\d+)$")
 _LATE = re.compile(r"^late(\d+)-k(\d+)$")
 
@@ -205,27 +207,22 @@ def parse_method(name: str) -> MethodSpec:
     match = _METHOD.match(name)
     if not match:
         raise ValueError(
-            f"Unknown method {name!r}: use adamw, sam, msam, {_KINDS}-k<N>, "
+            f"Unknown method {name!r}: use adamw, sam, msam, <variant>-k<N> (a registered rule, descent, direction or "
+            "method, asam or xsam-fixed), "
             "looksam-n<M>-k<N>, every-n<M>-k<N> or late<P>-k<N>."
         )
     kind, k = match.group(1), int(match.group(2))
     if k < 1:
         raise ValueError(f"Method {name!r}: k must be >= 1.")
-    if kind in ("gsam", "wsam"):
-        return MethodSpec(name, k, descent=kind)
-    if kind == "friendly":
-        return MethodSpec(name, k, direction="friendly")
-    if kind == "mean":
-        return MethodSpec(name, k, descent="mean")
     if kind == "asam":
         return MethodSpec(name, k, adaptive=True)
-    if kind == "xsam":
-        return MethodSpec(name, k, descent="xsam")
     if kind == "xsam-fixed":
         return MethodSpec(name, k, descent="xsam", xsam_alpha=XSAM_FIXED_ALPHA)
-    if kind == "lookbehind":
-        return MethodSpec(name, k, method="lookbehind")
-    return MethodSpec(name, k, ascent_rule=kind)
+    # any registered variant by its name: a rule, a descent, a direction or a whole-step method (the registry's)
+    for field_name in VARIANT_KINDS:
+        if kind in variants.names(field_name) and kind != "sam":
+            return MethodSpec(name, k, **{field_name: kind})
+    raise ValueError(f"Method {name!r}: {kind!r} is no registered rule, descent, direction or method, nor asam.")
 
 
 # 3 seeds for the verdicts; accumulated-k3 (shown to hurt), normalized-k5, mean-k3 and asam-k1 left to --methods;
