@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import VARIANT_KINDS
+from ..config import VARIANT_KINDS, SAMConfig
 from ..engine import variants
 
 TINY_BERT = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
@@ -221,7 +221,12 @@ def parse_method(name: str) -> MethodSpec:
     # any registered variant by its name: a rule, a descent, a direction or a whole-step method (the registry's)
     for field_name in VARIANT_KINDS:
         if kind in variants.names(field_name) and kind != "sam":
-            return MethodSpec(name, k, **{field_name: kind})
+            method = MethodSpec(name, k, **{field_name: kind})
+            try:  # what the variant's declaration allows (MSAM: one pass, written "msam")
+                SAMConfig(ascent_steps=k, **{field_name: kind})
+            except ValueError as error:
+                raise ValueError(f"Method {name!r}: {error}") from None
+            return method
     raise ValueError(f"Method {name!r}: {kind!r} is no registered rule, descent, direction or method, nor asam.")
 
 
