@@ -41,7 +41,6 @@ from .direction_cosines import DirectionTracker
 from .directions import GradientDirection
 from .guarded import reset_where_, uniform
 from .moved_weights import MovedWeights, choose_mode
-from .plain_loop import run_step, scaled_loss
 from .rules import AscentRule, project_
 from .tensors import ShardLayout, global_norm, local
 from .variants import Variant, declare_builtin, lookup
@@ -330,7 +329,22 @@ class MultiStepAscent:
         ``loss.backward()`` (pass ``accelerator.backward`` under accelerate). The descent
         gradient is added to p.grad; call the optimizer afterwards. Returns the loss at w.
         """
-        return run_step(self, compute_loss, backward)
+        backward = backward or (lambda loss: loss.backward())
+        self.begin()
+        try:
+            clean = None
+            for _ in range(self.ascent_steps):  # all k passes: whether to stop is not read from the device
+                loss = compute_loss()
+                backward(loss)
+                if clean is None:
+                    clean = loss.detach()
+                self.ascend()
+            factor = self.begin_descent()
+            backward(scaled_loss(compute_loss(), factor))
+            self.end_descent()
+        finally:
+            self.restore()
+        return clean
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer, skipped: bool = False) -> None:
         """Call right after ``optimizer.step()``: a descent that updates the weights itself after the
@@ -372,6 +386,12 @@ class MultiStepAscent:
             self._weights, self.backup, self._scale, self.rho, self._layout, scratch, self._uniform
         )
         self._reach = self.rho
+
+
+def scaled_loss(loss: Tensor, factor: float | Tensor) -> Tensor:
+    """``loss * factor``, skipping the multiplication for a plain 1 (a tensor factor is never compared:
+    that would read it back to the host)."""
+    return loss if isinstance(factor, float) and factor == 1.0 else loss * factor
 
 
 def _built(kind: str, given: object, rho: float) -> object:
