@@ -11,7 +11,7 @@ Two differences from ``--bf16`` under DDP, both DeepSpeed's:
   does;
 - fp16 autocast scales the loss with a ``torch.amp.GradScaler`` inside DeepSpeed's optimizer: the gradients
   SAM reads carry its scale (the ascent's direction does not depend on it, as under DDP's fp16; the logs and
-  the state kept across steps are unscaled with :func:`deepspeed_loss_scale`); an overflow in an ascent
+  the state kept across steps are unscaled with :func:`hf_sam.trainer.precision.loss_scale`); an overflow in an ascent
   drops that perturbation (the engine's guard), and DeepSpeed's scaler sees one in the descent (not tested
   under DeepSpeed).
 
@@ -95,19 +95,13 @@ def check_precision(trainer: Any) -> None:
             )
 
 
-def deepspeed_loss_scale(trainer: Any) -> torch.Tensor | None:
-    """fp16 under ``torch_autocast``: the scale of DeepSpeed's own GradScaler (inside the ZeRO optimizer, or
-    the engine's under ZeRO-0), which the gradients SAM reads carry; None otherwise."""
+def deepspeed_scaler(trainer: Any) -> Any:
+    """fp16 under ``torch_autocast``: DeepSpeed's own GradScaler (inside the ZeRO optimizer, or the engine's under
+    ZeRO-0), whose scale the gradients SAM reads carry; None otherwise."""
     wrapped = getattr(trainer.accelerator, "deepspeed_engine_wrapped", None)
     if wrapped is None:
         return None
     engine = wrapped.engine
-    scaler = getattr(engine.optimizer, "torch_autocast_gradscaler", None) or getattr(
+    return getattr(engine.optimizer, "torch_autocast_gradscaler", None) or getattr(
         engine, "torch_autocast_z0_gradscaler", None
     )
-    if scaler is None or not scaler.is_enabled():
-        return None
-    scale = getattr(scaler, "_scale", None)
-    if scale is None:  # before its first backward: the initial scale
-        scale = torch.tensor(scaler.get_scale(), dtype=torch.float32, device=trainer.args.device)
-    return scale

@@ -55,15 +55,19 @@ def loss_scale(trainer: Any) -> torch.Tensor | None:
     """The factor fp16 loss scaling puts on the gradients (accelerate's GradScaler, or DeepSpeed's under
     ``torch_autocast``), a device tensor read without a sync; None without loss scaling."""
     if trainer.is_deepspeed_enabled:
-        from .deepspeed_precision import deepspeed_loss_scale
+        from .deepspeed_precision import deepspeed_scaler
 
-        return deepspeed_loss_scale(trainer)
-    scaler = getattr(trainer.accelerator, "scaler", None)
+        return scale_of(deepspeed_scaler(trainer), trainer.args.device)
+    return scale_of(getattr(trainer.accelerator, "scaler", None), trainer.args.device)
+
+
+def scale_of(scaler: Any, device: torch.device) -> torch.Tensor | None:
+    """A GradScaler's current scale as a device tensor (no sync); None for no scaler or a disabled one."""
     if scaler is None or not scaler.is_enabled():
         return None
     scale = getattr(scaler, "_scale", None)
     if scale is None:  # before the first backward the scaler has not made it yet: it will be the initial scale
-        scale = torch.tensor(scaler.get_scale(), dtype=torch.float32, device=trainer.args.device)
+        scale = torch.tensor(scaler.get_scale(), dtype=torch.float32, device=device)
     return scale
 
 
