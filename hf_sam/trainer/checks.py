@@ -1,14 +1,17 @@
-"""Set-ups SAM cannot train correctly, refused before training with a message saying why."""
+"""Every launch check: set-ups SAM cannot train correctly (the variants' declared refusals, DeepSpeed, FSDP2,
+DataParallel, dtypes, optimizers that step inside backward), refused before training with a message saying why."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import VARIANT_KINDS
 from ..engine.variants import Refusal, Variant, needs_one_gradient_for_all_ranks
+from .deepspeed_precision import check_precision, map_bf16_onto_autocast
 
 logger = logging.getLogger(__name__)
 
@@ -20,8 +23,6 @@ def check_launch(trainer) -> None:
     exact yet, optimizers that step inside backward: refuse with the reason and what to use instead."""
     check_optim_name(getattr(trainer.args, "optim", None))  # (sam_config beside plain TrainingArguments)
     if trainer.is_deepspeed_enabled:
-        from .deepspeed import check_deepspeed
-
         check_deepspeed(trainer)
     check_variants(trainer)
     perturbed_weights_mode(trainer)
@@ -40,6 +41,27 @@ def check_launch(trainer) -> None:
             "per GPU with `accelerate launch --multi_gpu` (DDP) instead, or set "
             "CUDA_VISIBLE_DEVICES to one GPU."
         )
+
+
+def check_deepspeed(trainer: Any) -> None:
+    """What SAM under DeepSpeed can make exact; the rest refused before training, naming the flag."""
+    config = trainer.sam_config
+    ds_config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
+    if not config.sync_ascent:
+        raise ValueError(
+            "SAMTrainer under DeepSpeed needs --sam_sync_ascent true: ZeRO reduces every backward's gradient over "
+            "all ranks (it cannot skip the sync), so the ascent is the all-ranks gradient, one perturbation for "
+            "all ranks, as --sam_sync_ascent gives under DDP."
+        )
+    map_bf16_onto_autocast(trainer)
+    check_precision(trainer)
+    zero = ds_config.get("zero_optimization", {})
+    for key in ("offload_optimizer", "offload_param"):
+        if zero.get(key, {}).get("device", "none") not in ("none", None):
+            raise ValueError(f"SAMTrainer under DeepSpeed does not support ZeRO's {key} (not proven exact).")
+    # the engine works on each rank's part of the all-ranks gradients and weights and sums every norm and dot
+    # product over the ranks, so the variants run as in one process, except where their declaration refuses
+    # DeepSpeed (checks.check_variants, run by check_launch after this)
 
 
 _CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")

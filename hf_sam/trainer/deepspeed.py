@@ -41,7 +41,6 @@ from typing import Any
 import torch
 
 from ..engine.ascent import MultiStepAscent
-from .deepspeed_precision import check_precision, map_bf16_onto_autocast
 from .gradient_backend import Backward
 from .zero_partitions import ReplicatedParts, ZeroParts, zero_parts
 
@@ -49,27 +48,6 @@ from .zero_partitions import ReplicatedParts, ZeroParts, zero_parts
 def zero_stage(trainer: Any) -> int:
     plugin = trainer.accelerator.state.deepspeed_plugin
     return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
-
-
-def check_deepspeed(trainer: Any) -> None:
-    """What SAM under DeepSpeed can make exact; the rest refused before training, naming the flag."""
-    config = trainer.sam_config
-    ds_config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
-    if not config.sync_ascent:
-        raise ValueError(
-            "SAMTrainer under DeepSpeed needs --sam_sync_ascent true: ZeRO reduces every backward's gradient over "
-            "all ranks (it cannot skip the sync), so the ascent is the all-ranks gradient, one perturbation for "
-            "all ranks, as --sam_sync_ascent gives under DDP."
-        )
-    map_bf16_onto_autocast(trainer)
-    check_precision(trainer)
-    zero = ds_config.get("zero_optimization", {})
-    for key in ("offload_optimizer", "offload_param"):
-        if zero.get(key, {}).get("device", "none") not in ("none", None):
-            raise ValueError(f"SAMTrainer under DeepSpeed does not support ZeRO's {key} (not proven exact).")
-    # the engine works on each rank's part of the all-ranks gradients and weights and sums every norm and dot
-    # product over the ranks, so the variants run as in one process, except where their declaration refuses
-    # DeepSpeed (checks.check_variants, run by check_launch after this)
 
 
 class HeldDescent:
