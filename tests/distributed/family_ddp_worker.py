@@ -1,6 +1,7 @@
-"""Run by test_family_ddp.py under torch.distributed.run: a few SAMTrainer steps of one SAM-family
-method (its sam_* fields as JSON in argv[2]) per rank, then dump the micro-batches each rank saw and
-the weights before every step and at the end, for the float64 check on the joint batch."""
+"""Run by test_family_ddp.py under torch.distributed.run: for each SAM-family method (argv[2]: JSON of
+{"steps": N, "cases": {name: its sam_* fields}}, all in one launch) a few SAMTrainer steps per rank, then dump
+the micro-batches each rank saw and the weights before every step and at the end, for the float64 check on the
+joint batch."""
 
 import json
 import os
@@ -25,15 +26,12 @@ class Recorder(TrainerCallback):
         self.before.append({n: p.detach().clone() for n, p in model.named_parameters()})
 
 
-def main():
-    out_dir, sam = sys.argv[1], json.loads(sys.argv[2])
-    steps = sam.pop("steps")
-    torch.set_num_threads(1)
+def run_case(out_dir: str, name: str, sam: dict, steps: int) -> None:
     set_seed(0)
     model = TinyNet()
     rec = Recorder()
     args = SAMTrainingArguments(
-        output_dir=out_dir,
+        output_dir=os.path.join(out_dir, name),
         **{**BASE_ARGS, "per_device_train_batch_size": 3, "max_steps": steps, "optim_args": "momentum=0.9"},
         ddp_backend="gloo",
         sam_rho=0.3,
@@ -48,8 +46,15 @@ def main():
             "after": {n: p.detach().clone() for n, p in model.named_parameters()},
             "batches": trainer.seen,
         },
-        os.path.join(out_dir, f"rank{rank}.pt"),
+        os.path.join(out_dir, f"rank{rank}_{name}.pt"),
     )
+
+
+def main():
+    out_dir, payload = sys.argv[1], json.loads(sys.argv[2])
+    torch.set_num_threads(1)
+    for name, sam in payload["cases"].items():
+        run_case(out_dir, name, sam, payload["steps"])
     # The results are on disk. Skip the interpreter's teardown: gloo's destructors can abort when loaded.
     sys.stdout.flush()
     sys.stderr.flush()
