@@ -98,6 +98,14 @@ RESUME_CONFIGS = {
 }
 
 
+class _AtTrainEnd(TrainerCallback):
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.fn()
+
+
 def train(out_dir, stage, sam, steps=STEPS, resume=None, d_in=5, hidden=7, inspect=None, **extra):
     set_seed(0)
     model = TinyNet(d_in=d_in, hidden=hidden, dtype=torch.float32)
@@ -129,6 +137,9 @@ def train(out_dir, stage, sam, steps=STEPS, resume=None, d_in=5, hidden=7, inspe
         for k, v in trainer.accelerator.state.deepspeed_plugin.deepspeed_config.items()
         if k in ("bf16", "fp16", "torch_autocast")
     }
+    inspected = {}
+    if inspect:  # while the run's state exists (train() drops it on return)
+        trainer.add_callback(_AtTrainEnd(lambda: inspected.update(inspect(trainer))))
     trainer.train(resume_from_checkpoint=resume)
     engine = trainer.accelerator.deepspeed_engine_wrapped.engine
     result = {
@@ -144,7 +155,7 @@ def train(out_dir, stage, sam, steps=STEPS, resume=None, d_in=5, hidden=7, inspe
         "ds_precision": ds_precision,
         "loss_scale": None if trainer._loss_scale() is None else float(trainer._loss_scale()),
         "persistent": sum(bool(getattr(p, "ds_persist", False)) for p in trainer.model_wrapped.parameters()),
-        **(inspect(trainer) if inspect else {}),
+        **inspected,
     }
     # accelerate takes a DeepSpeed plugin only in the first Accelerator of a process: forget it (the gloo
     # process group of the PartialState stays) so that the next configuration builds its own
