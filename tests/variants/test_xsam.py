@@ -112,13 +112,13 @@ def test_dynamic_alpha_through_the_trainer_is_logged_and_resumes(tmp_path):
     set_seed(0)
     full = sam_trainer(tmp_path / "full", TinyNet(), data, **common)
     chosen = []
-    original = full._sam_probe_loss
+    original = full._sam_loss_at
 
     def probing(*args):
         chosen.append(full.state.global_step)
         return original(*args)
 
-    full._sam_probe_loss = probing
+    full._sam_loss_at = probing
     full.train()
     assert sorted(set(chosen)) == [0, 3] and len(chosen) == 2 * len(alpha_grid(2.0))  # epochs 0 and 1
     logs = [entry for entry in full.state.log_history if "sam/xsam_alpha" in entry]
