@@ -75,6 +75,11 @@ def test_the_user_variant_of_architecture_md_is_selected_validated_and_matches_f
             [*argv, "--sam_options", '{"rescaled_power": 0.5}']
         )
         assert args.sam_config.variant_options("descent").rescaled_power == 0.5
+        from hf_sam.trainer.flag_table import variant_table
+
+        row = next(r for r in variant_table(users=True) if r.startswith("| `--sam_descent rescaled` |"))
+        assert "`--sam_options rescaled_power`" in row and "several processes without sam_sync_ascent" in row
+        assert not any("rescaled" in r for r in variant_table())  # the committed page lists the built-in ones
         with pytest.raises(ValueError, match=r"sam_options\['rescaled_power'\]=3 is invalid: it must be in \[0, 2\]"):
             SAMTrainingArguments(output_dir=str(tmp_path), sam_descent="rescaled", sam_options={"rescaled_power": 3})
         with pytest.raises(ValueError, match=r"sam_options\['power'\]"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..engine.variants import builtin_variants
+from ..engine.variants import builtin_variants, variants
 from .args import SAMArgumentsMixin
 from .step_metrics import DERIVED, METRICS
 
@@ -42,12 +42,15 @@ def flag_table() -> str:
     return "\n".join([*rows, END])
 
 
-def variant_table() -> list[str]:
-    """One row per built-in variant: its flag and value, what it does, its options, what it needs, where it is
-    refused and why (several processes, accumulation on several processes, DeepSpeed), its paper."""
+def variant_table(users: bool = False) -> list[str]:
+    """One row per built-in variant (and, with ``users``, per variant registered since: a user's own, its options
+    given through ``--sam_options``): its flag and value, what it does, its options, what it needs, where it is
+    refused and why, its paper."""
     rows = ["| variant | what it does | options | needs | refused in | paper |", "|---|---|---|---|---|---|"]
-    for v in builtin_variants():
-        options = ", ".join(f"`--sam_{f.name}`" for f in v.option_fields()) or "none"
+    builtin = builtin_variants()
+    for v in variants() if users else builtin:
+        flag = "--sam_" if v in builtin else "--sam_options "
+        options = ", ".join(f"`{flag}{f.name}`" for f in v.option_fields()) or "none"
         needs = "`--sam_ascent_steps` >= 1" if v.needs_ascent else "nothing"
         refused = "; ".join(f"{r.where}: {r.why}" for r in v.refusals)
         rows.append(
