@@ -39,7 +39,8 @@ export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 skip='^#'
 [ "$end" = floor ] && skip='^#|test_trl'
 mapfile -t subset < <(grep -vE "$skip" tests/version_ends.txt)
-"$venv/bin/python" -m pytest -q -p no:cacheprovider "${subset[@]}"
+# one process (these venvs have no pytest-xdist: the subset is short)
+"$venv/bin/python" -m pytest -o addopts=-q -p no:cacheprovider "${subset[@]}"
 if [ "$end" = floor ]; then
     # TRL 1.16 needs accelerate >= 1.10.1: the TRL step on the core floors with that accelerate, then the
     # venv goes back to the core floors (marked incomplete meanwhile, so an interruption rebuilds it)
@@ -47,7 +48,7 @@ if [ "$end" = floor ]; then
     pip_in -r .ci/floor-trl.txt
     trl=$(grep -v '^#' tests/version_ends.txt | grep test_trl)
     "$venv/bin/python" -c "import trl; print('# floor with trl', trl.__version__)"  # a skip would prove nothing
-    "$venv/bin/python" -m pytest -q -p no:cacheprovider $trl
+    "$venv/bin/python" -m pytest -o addopts=-q -p no:cacheprovider $trl
     "$venv/bin/pip" uninstall -q -y trl
     pip_in "$(grep '^accelerate==' .ci/floor.txt)"
     touch "$venv/.complete"

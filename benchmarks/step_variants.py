@@ -66,6 +66,8 @@ def make_variant(kind: str, model, batch, k: int, rule: str, bf16: bool, device:
             with autocast:
                 trainer.training_step(model, batch)
             opt.step()
+            # as the Trainer's loop: LookSAM's g_v (WSAM's decoupled term) is taken right after the optimizer step
+            trainer.callback_handler.on_optimizer_step(trainer.args, trainer.state, trainer.control)
             opt.zero_grad(set_to_none=True)
             trainer.state.global_step += 1  # the Trainer's loop would: LookSAM's schedule reads it
 

@@ -13,14 +13,21 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from . import engine  # noqa: F401  (declares the built-in variants)
-from .config_family import GRANULARITIES, RHO_SCHEDULES, validate_family
+from .config_family import RHO_SCHEDULES, validate_family
 from .engine import variants
+from .engine.descents.looksam import GRANULARITIES
 from .engine.moved_weights import MODES as PERTURBED_WEIGHTS
 
 __all__ = ["GRANULARITIES", "PERTURBED_WEIGHTS", "RHO_SCHEDULES", "SAMConfig", "VARIANT_KINDS"]
 # the fields that name a registered variant, by kind
-VARIANT_KINDS = ("ascent_rule", "descent", "direction", "method")
-_DEFAULT_VARIANT = {"ascent_rule": "normalized", "descent": "last", "direction": "gradient", "method": "sam"}
+VARIANT_KINDS = variants.KINDS
+_DEFAULT_VARIANT = {
+    "ascent_rule": "normalized",
+    "descent": "last",
+    "direction": "gradient",
+    "method": "sam",
+    "reuse": "looksam",
+}
 
 
 def _knob(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -88,17 +95,7 @@ class _CoreKnobs:
         "SAM at optimizer steps 0, n, 2n, ..; one forward+backward pass (the stock step) at the others (1 = SAM at "
         "every step).",
     )
-    reuse_alpha: float = _knob(
-        0.0,
-        "LookSAM (with sam_every_n_steps > 1): add alpha ||g|| / ||g_v|| g_v to the one-pass steps' gradient, g_v "
-        "the part of the last SAM step's g_s orthogonal to its g (0 = plain SAM every n steps).",
-    )
-    reuse_granularity: str = _knob(
-        "global",
-        "LookSAM's norms and cosine over the whole gradient ('global', the paper's algorithm 1) or per parameter "
-        "tensor ('tensor').",
-        GRANULARITIES,
-    )
+    reuse: str = _chosen("reuse", "What the one-pass steps of sam_every_n_steps > 1 add from the SAM steps.")
     rho_schedule: str = _knob(
         "constant",
         "'constant' or 'lr' (GSAM's: rho_t = rho_min + (rho - rho_min)(lr_t - lr_min)/(lr_max - lr_min) over the "
@@ -178,17 +175,23 @@ class SAMConfig(*reversed(_OPTION_BASES), _CoreKnobs):
         """Each chosen variant is registered, has its options in range, and gets an ascent when it needs one; an
         option of a variant not chosen is refused rather than ignored silently."""
         chosen = {kind: self.variant(kind, fail) for kind in VARIANT_KINDS}
+        active = self.active_kinds()
         for variant in variants.builtin_variants():  # every option in its range, chosen or not
             variant.make_options({f.name: getattr(self, f.name) for f in variant.option_fields()}, fail, prefix)
+        inactive = f"{prefix}every_n_steps > 1"  # where the one inactive kind, reuse, acts
+        for kind in VARIANT_KINDS:
+            if kind not in active and getattr(self, kind) != _DEFAULT_VARIANT[kind]:
+                fail(kind, getattr(self, kind), f"it is used only by {inactive}")
         for variant in variants.builtin_variants():
-            if chosen[variant.kind] is variant:
+            if chosen[variant.kind] is variant and variant.kind in active:
                 continue
+            owner = inactive if chosen[variant.kind] is variant else f"{prefix}{variant.kind}='{variant.name}'"
             for f in variant.option_fields():
                 if getattr(self, f.name) != f.default:
-                    fail(f.name, getattr(self, f.name), f"it is used only by {prefix}{variant.kind}='{variant.name}'")
+                    fail(f.name, getattr(self, f.name), f"it is used only by {owner}")
         extra = self.user_options(fail)
         claimed: set[str] = set()
-        for kind in VARIANT_KINDS:
+        for kind in active:
             self.variant_options(kind, fail, prefix, extra)
             if not variants.is_builtin(chosen[kind]):
                 claimed |= {f.name for f in chosen[kind].option_fields()}
@@ -196,9 +199,17 @@ class SAMConfig(*reversed(_OPTION_BASES), _CoreKnobs):
             if name not in claimed:
                 fail(f"options['{name}']", value, "no chosen variant registered by the user takes it")
         if self.ascent_steps == 0:
-            for kind, variant in chosen.items():
-                if variant.needs_ascent:
+            for kind in active:
+                if chosen[kind].needs_ascent:
+                    variant = chosen[kind]
                     fail(kind, variant.name, f"it needs {prefix}ascent_steps >= 1")
+
+    def active_kinds(self) -> tuple[str, ...]:
+        """The kinds whose chosen variant takes part in a step: all of them, but ``reuse`` only with
+        ``every_n_steps`` > 1 (the one-pass steps it acts in)."""
+        n = self.every_n_steps
+        every_n = isinstance(n, int) and not isinstance(n, bool) and n > 1
+        return tuple(kind for kind in VARIANT_KINDS if kind != "reuse" or every_n)
 
     def variant(self, kind: str, fail=None) -> variants.Variant:
         """The registered variant this config chooses for ``kind`` (a field of :data:`VARIANT_KINDS`)."""
@@ -248,7 +259,8 @@ class SAMConfig(*reversed(_OPTION_BASES), _CoreKnobs):
         )
 
     def build(self, kind: str) -> Any:
-        """The object the engine calls for ``kind`` ("ascent_rule", "descent" or "direction"), with its options."""
+        """The object the engine calls for ``kind`` ("ascent_rule", "descent", "direction" or "reuse"), with its
+        options."""
         return self.variant(kind).build(self.variant_options(kind), self.rho)
 
     def _validate_start_step(self, fail, prefix: str) -> None:
@@ -308,7 +320,9 @@ class SAMConfig(*reversed(_OPTION_BASES), _CoreKnobs):
 
     def engine_kwargs(self) -> dict:
         """The keyword arguments of :class:`hf_sam.engine.MultiStepAscent` for this config: the core knobs, and the
-        rule, descent and direction built with their options."""
+        rule, descent and direction built with their options (with ``every_n_steps`` > 1 the descent is the reuse
+        variant's: SAM's, remembering what the one-pass steps reuse)."""
+        descent = "reuse" if self.every_n_steps > 1 else "descent"
         return {
             "ascent_steps": self.ascent_steps,
             "rho": self.rho,
@@ -316,7 +330,9 @@ class SAMConfig(*reversed(_OPTION_BASES), _CoreKnobs):
             "adaptive_eta": self.adaptive_eta,
             "perturbed_weights": self.perturbed_weights,
             "track_directions": self.diagnostics,
-            **{kind: self.build(kind) for kind in ("ascent_rule", "descent", "direction")},
+            "ascent_rule": self.build("ascent_rule"),
+            "descent": self.build(descent),
+            "direction": self.build("direction"),
         }
 
     @property

@@ -1,5 +1,5 @@
-"""Validation of the whole-step knobs that are not registered variants (SAM every n steps and LookSAM's reuse,
-the rho schedule) and of the combinations no method defines. A variant's own options are checked by the
+"""Validation of the whole-step knobs that are not registered variants (SAM every n steps, the rho schedule) and
+of the combinations no method defines. A variant's own options are checked by the
 variant's declaration (:mod:`hf_sam.engine.variants`)."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from typing import Any
 
 from .engine.variants import finite_number
 
-GRANULARITIES = ("global", "tensor")
 RHO_SCHEDULES = ("constant", "lr")
 
 Fail = Callable[[str, object, str], None]
@@ -20,13 +19,8 @@ def validate_family(config: Any, fail: Fail, prefix: str) -> None:
     p = prefix
     _ranges(config, fail)
     # an option read only by one setting: refuse it elsewhere rather than ignore it silently
-    for name, default, owner, active in (
-        ("reuse_alpha", 0.0, f"{p}every_n_steps > 1", config.every_n_steps > 1),
-        ("reuse_granularity", "global", f"{p}every_n_steps > 1", config.every_n_steps > 1),
-        ("rho_min", 0.0, f"{p}rho_schedule='lr'", config.rho_schedule == "lr"),
-    ):
-        if not active and getattr(config, name) != default:
-            fail(name, getattr(config, name), f"it is used only by {owner}")
+    if config.rho_schedule != "lr" and config.rho_min != 0:
+        fail("rho_min", config.rho_min, f"it is used only by {p}rho_schedule='lr'")
     if config.ascent_steps == 0:
         for name, default in (("every_n_steps", 1), ("rho_schedule", "constant")):
             if getattr(config, name) != default:
@@ -51,10 +45,6 @@ def _ranges(config: Any, fail: Fail) -> None:
     n = config.every_n_steps
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         fail("every_n_steps", n, "it must be an integer >= 1 (1 = SAM at every step)")
-    if not finite_number(config.reuse_alpha) or config.reuse_alpha < 0:
-        fail("reuse_alpha", config.reuse_alpha, "it must be a finite number >= 0")
-    if config.reuse_granularity not in GRANULARITIES:
-        fail("reuse_granularity", config.reuse_granularity, f"allowed values are {', '.join(GRANULARITIES)}")
     if config.rho_schedule not in RHO_SCHEDULES:
         fail("rho_schedule", config.rho_schedule, f"allowed values are {', '.join(RHO_SCHEDULES)}")
     if not finite_number(config.rho_min) or config.rho_min < 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -88,3 +89,21 @@ def plain_trainer(tmp_path, model, data, callbacks=(), **overrides) -> Trainer:
 
 def params_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def free_port() -> int:
+    """A free TCP port for a launch's rendezvous. Each pytest-xdist worker draws from a range of its own, so that
+    two workers' launches cannot take the same port between this check and the launch."""
+    import random
+    import socket
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    base = 20000 + 500 * (int(worker) if worker.isdigit() else 0)
+    for port in random.sample(range(base, base + 500), 500):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {base}..{base + 499}")

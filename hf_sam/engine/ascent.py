@@ -352,6 +352,11 @@ class MultiStepAscent:
         step was skipped (a GradScaler found inf/NaN), so the descent's own update is dropped too."""
         self.descent_rule.after_optimizer_step(optimizer, self._layout.locals(self.params), skipped)
 
+    def one_pass_step(self) -> None:
+        """Call at the last micro-batch of a one-pass step between SAM steps, its gradient in p.grad: the descent
+        adds what it remembers from the SAM steps (LookSAM's reuse; the others nothing)."""
+        self.descent_rule.one_pass_step(self.params, self._layout)
+
     def state_dict(self) -> dict:
         """What the engine carries from one step to the next (F-SAM's momentum, a descent's own), for checkpoints."""
         return {"direction": self.direction.state_dict(), "descent": self.descent_rule.state_dict()}

@@ -67,43 +67,83 @@ class LookbehindSAM:
         self.alpha = alpha
         self.last_alphas: list[Tensor] = []
 
-    @torch.no_grad()
-    def _gradients(self) -> list[Tensor]:
-        return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.params]
-
     def _gradient_at_params(self, closure: Callable[[], Tensor]) -> tuple[Tensor, list[Tensor]]:
-        for p in self.params:
+        for p in self.params:  # (the clean pass: what the caller left)
             p.grad = None
         with torch.enable_grad():
             loss = closure()
             loss.backward()
-        return loss.detach(), self._gradients()
+        return loss.detach(), take_gradients(self.params)
 
     def step(self, closure: Callable[[], Tensor]) -> Tensor:
         """One batch: k + 1 forward+backward passes and k base-optimizer steps; returns the loss at phi."""
-        params = self.params
-        with torch.no_grad():
-            slow = [p.detach().clone() for p in params]  # phi
-            fast = [p.detach().clone() for p in params]  # theta
-            chain = [p.detach().clone() for p in params]  # phi'_i
-        clean, grad = self._gradient_at_params(closure)  # g(phi'_0) = g(phi)
-        first_move: list[Tensor] | None = None
-        for _ in range(self.ascent_steps):
-            ascend_(chain, grad, self.rho)
-            with torch.no_grad():
-                torch._foreach_copy_(params, chain)
-            _, grad = self._gradient_at_params(closure)  # g(phi'_i): this descent and the next ascent
-            with torch.no_grad():
-                torch._foreach_copy_(params, fast)  # the optimizer steps theta with g(phi'_i)
-                for p, g in zip(params, grad, strict=True):
-                    p.grad = g.clone()
+
+        def inner_step(i: int) -> bool:
             self.optimizer.step()
-            with torch.no_grad():
-                torch._foreach_copy_(fast, params)
-                if first_move is None:
-                    first_move = torch._foreach_sub(fast, slow)  # theta_1 - phi
-        self.last_alphas = look_behind_(params, slow, fast, first_move, self.alpha)
-        return clean
+            return True
+
+        gradient = lambda: self._gradient_at_params(closure)  # noqa: E731
+        run = inner_steps(self.params, self.ascent_steps, self.rho, gradient, inner_step)
+        self.last_alphas = look_behind_(self.params, run.slow, run.fast, run.first_move, self.alpha)
+        return run.clean
+
+
+@dataclass
+class InnerSteps:
+    """What :func:`inner_steps` leaves for the look-behind: the clean loss at phi, phi, theta after the last inner
+    step taken, and theta_1 - phi (None when no step was taken but the caller's)."""
+
+    clean: Tensor
+    slow: list[Tensor]
+    fast: list[Tensor]
+    first_move: list[Tensor] | None
+
+
+def take_gradients(params: list[Tensor]) -> list[Tensor]:
+    """Each parameter's gradient (zeros where none), p.grad cleared."""
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
+    for p in params:
+        p.grad = None
+    return grads
+
+
+def inner_steps(
+    params: list[Tensor],
+    ascent_steps: int,
+    rho: float,
+    gradient: Callable[[], tuple[Tensor, list[Tensor]]],
+    step: Callable[[int], bool],
+) -> InnerSteps:
+    """The k inner steps of one Lookbehind batch (the module's loop), the one loop of both callers.
+
+    ``gradient()`` runs one forward+backward pass at the current parameters and returns (its loss, the gradients),
+    p.grad cleared. ``step(i)`` takes inner step i with p.grad = g(phi'_i) at theta_{i-1}, and returns whether it
+    did: False leaves that step, and the rest, to the caller (the Trainer takes the k-th itself)."""
+    with torch.no_grad():
+        slow = [p.detach().clone() for p in params]  # phi
+        fast = [p.detach().clone() for p in params]  # theta
+        chain = [p.detach().clone() for p in params]  # phi'_i
+    clean, grad = gradient()  # g(phi'_0) = g(phi)
+    first_move: list[Tensor] | None = None
+    for i in range(1, ascent_steps + 1):
+        ascend_(chain, grad, rho)
+        with torch.no_grad():
+            torch._foreach_copy_(params, chain)
+        _, grad = gradient()  # g(phi'_i): this descent and the next ascent
+        with torch.no_grad():
+            torch._foreach_copy_(params, fast)  # the optimizer steps theta with g(phi'_i)
+        for p, g in zip(params, grad, strict=True):
+            p.grad = g.clone()
+        if not step(i):
+            break
+        if i < ascent_steps:  # spent: the next pass's gradient starts from zero (the last stays in p.grad)
+            for p in params:
+                p.grad = None
+        with torch.no_grad():
+            torch._foreach_copy_(fast, params)
+            if first_move is None:
+                first_move = torch._foreach_sub(fast, slow)  # theta_1 - phi
+    return InnerSteps(clean, slow, fast, first_move)
 
 
 @torch.no_grad()

@@ -14,7 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
 
-KINDS = ("ascent_rule", "descent", "direction", "method")
+# "reuse": what the one-pass steps of sam_every_n_steps > 1 add from the SAM steps (its object is the descent of
+# those SAM steps, which remembers what it needs)
+KINDS = ("ascent_rule", "descent", "direction", "method", "reuse")
 # the settings the registry can refuse a variant in (the docs' "where it runs" column)
 WHERE = (
     "several processes without sam_sync_ascent",
@@ -89,15 +91,16 @@ class Variant:
         return options
 
 
-def needs_one_gradient_for_all_ranks(what: str) -> tuple[Refusal, Refusal]:
+def needs_one_gradient_for_all_ranks(what: str, when: Callable[[Any], bool] | None = None) -> tuple[Refusal, Refusal]:
     """The refusals of a variant that combines ``what`` (the clean gradient g and g_s, or d_k and g_k): under several
-    processes they must be the all-ranks ones."""
+    processes they must be the all-ranks ones (``when``: from the options, whether it combines them)."""
     return (
-        Refusal(WHERE[0], f"it combines {what}, which would then be each rank's own, not the all-ranks ones"),
+        Refusal(WHERE[0], f"it combines {what}, which would then be each rank's own, not the all-ranks ones", when),
         Refusal(
             WHERE[1],
             f"it combines {what}, and the gradients of non-final micro-batches are not all-reduced, so the ranks "
             "would combine different ones",
+            when,
         ),
     )
 

@@ -220,6 +220,8 @@ def parse_method(name: str) -> MethodSpec:
         return MethodSpec(name, k, descent="xsam", xsam_alpha=XSAM_FIXED_ALPHA)
     # any registered variant by its name: a rule, a descent, a direction or a whole-step method (the registry's)
     for field_name in VARIANT_KINDS:
+        if field_name == "reuse":  # looksam-n<M>-k<N> (SAM every n steps)
+            continue
         if kind in variants.names(field_name) and kind != "sam":
             method = MethodSpec(name, k, **{field_name: kind})
             try:  # what the variant's declaration allows (MSAM: one pass, written "msam")

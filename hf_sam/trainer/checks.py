@@ -4,14 +4,14 @@ DataParallel, dtypes, optimizers that step inside backward), refused before trai
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import VARIANT_KINDS
-from ..engine.variants import Refusal, Variant, needs_one_gradient_for_all_ranks
-from .deepspeed_precision import check_precision, map_bf16_onto_autocast
+from ..engine.variants import Refusal, Variant, is_builtin
+from .deepspeed import check_precision, map_bf16_onto_autocast
 
 logger = logging.getLogger(__name__)
 
@@ -121,14 +121,22 @@ def upcast_trainable_parameters(model: nn.Module) -> list[str]:
 
 
 def chosen_variants(config) -> list[tuple[str, Variant, object]]:
-    """(kind, variant, options) of each variant the config chooses."""
-    return [(kind, config.variant(kind), config.variant_options(kind)) for kind in VARIANT_KINDS]
+    """(kind, variant, options) of each variant the config chooses that takes part in its steps."""
+    return [(kind, config.variant(kind), config.variant_options(kind)) for kind in config.active_kinds()]
+
+
+def _flag(kind: str, variant: Variant, options: object) -> str:
+    """``sam_<kind>='<name>'``, with the options set off their defaults (the ones a refusal may hinge on)."""
+    if not is_builtin(variant) or options is None:
+        return f"sam_{kind}={variant.name!r}"
+    changed = [f"sam_{f.name}={getattr(options, f.name)!r}" for f in fields(options)
+               if getattr(options, f.name) != f.default]  # fmt: skip
+    return f"sam_{kind}={variant.name!r}" + (f" with {', '.join(changed)}" if changed else "")
 
 
 def check_variants(trainer) -> None:
     """Each chosen variant's declared refusals (hf_sam.engine.variants): several processes without a synchronized
-    ascent, gradient accumulation on several processes, DeepSpeed; LookSAM's reuse, which combines the clean
-    gradient g with g_s, as a variant that needs one gradient for all ranks."""
+    ascent, gradient accumulation on several processes, DeepSpeed, ..."""
     config, args = trainer.sam_config, trainer.args
     several = getattr(args, "world_size", 1) > 1
     accumulation = args.gradient_accumulation_steps > 1
@@ -140,13 +148,8 @@ def check_variants(trainer) -> None:
         "gradient accumulation": accumulation,
         "fp16": bool(getattr(args, "fp16", False)),
     }
-    refusals = [(f"sam_{kind}={variant.name!r}", r) for kind, variant, options in chosen_variants(config)
+    refusals = [(_flag(kind, variant, options), r) for kind, variant, options in chosen_variants(config)
                 for r in variant.refusals if r.applies(options)]  # fmt: skip
-    if config.every_n_steps > 1 and config.reuse_alpha > 0:
-        reuse = needs_one_gradient_for_all_ranks("the clean gradient g and g_s")
-        reuse += (Refusal("DeepSpeed", "its cheap steps add the reused term to the accumulated gradient, which ZeRO "
-                          "keeps in its own partitions; --sam_every_n_steps without reuse runs"),)  # fmt: skip
-        refusals += [(f"sam_reuse_alpha={config.reuse_alpha} (LookSAM)", r) for r in reuse]
     for flag, refusal in refusals:
         if settings[refusal.where]:
             raise ValueError(_refusal_message(flag, refusal))

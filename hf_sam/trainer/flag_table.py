@@ -52,6 +52,8 @@ def variant_table(users: bool = False) -> list[str]:
         flag = "--sam_" if v in builtin else "--sam_options "
         options = ", ".join(f"`{flag}{f.name}`" for f in v.option_fields()) or "none"
         needs = "`--sam_ascent_steps` >= 1" if v.needs_ascent else "nothing"
+        if v.kind == "reuse":  # the kind acts in the one-pass steps only
+            needs = "`--sam_every_n_steps` > 1"
         refused = "; ".join(f"{r.where}: {r.why}" for r in v.refusals)
         rows.append(
             f"| `--sam_{v.kind} {v.name}` | {_cell(v.summary)} | {options} | {needs} | {_cell(refused) or 'nowhere'} "

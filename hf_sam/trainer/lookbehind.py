@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ..engine.lookbehind import ascend_, look_behind_
+from ..engine.lookbehind import inner_steps, look_behind_, take_gradients
 
 
 class LookbehindStep(TrainerCallback):
@@ -32,47 +32,25 @@ class LookbehindStep(TrainerCallback):
 
     def run(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
         """k + 1 passes and k - 1 optimizer steps; returns the clean loss at phi."""
-        trainer, config = self.trainer, self.trainer.sam_config
+        trainer, k = self.trainer, self.trainer.sam_config.ascent_steps
         params = [p for p in model.parameters() if p.requires_grad]
-        backward = trainer.accelerator.backward
         model.train()
-        with torch.no_grad():
-            slow = [p.detach().clone() for p in params]
-            fast = [p.detach().clone() for p in params]
-            chain = [p.detach().clone() for p in params]
-        clean = trainer._sam_pass(model, inputs, num_items_in_batch, 1.0, backward)
-        grad = self._take_grads(params)
-        first_move = None
-        for i in range(1, config.ascent_steps + 1):
-            ascend_(chain, grad, self.rho)
-            with torch.no_grad():
-                torch._foreach_copy_(params, chain)
-            trainer._sam_pass(model, inputs, num_items_in_batch, 1.0, backward)  # g(phi'_i)
-            grad = self._take_grads(params)
-            with torch.no_grad():
-                torch._foreach_copy_(params, fast)
-            for p, g in zip(params, grad, strict=True):
-                p.grad = g.clone()
-            if i == config.ascent_steps:
-                break  # the Trainer clips and takes this step, then on_optimizer_step looks behind
+
+        def gradient() -> tuple[torch.Tensor, list[torch.Tensor]]:
+            loss = trainer._sam_pass(model, inputs, num_items_in_batch, 1.0, trainer.accelerator.backward)
+            return loss, take_gradients(params)
+
+        def inner_step(i: int) -> bool:
+            if i == k:
+                return False  # the Trainer clips and takes this step, then on_optimizer_step looks behind
             if trainer.args.max_grad_norm and trainer.args.max_grad_norm > 0:
                 trainer.accelerator.clip_grad_norm_(params, trainer.args.max_grad_norm)
             trainer.optimizer.step()
-            with torch.no_grad():
-                torch._foreach_copy_(fast, params)
-                if first_move is None:
-                    first_move = torch._foreach_sub(fast, slow)
-            for p in params:
-                p.grad = None
-        self.pending = (params, slow, first_move)
-        return clean
+            return True
 
-    @staticmethod
-    def _take_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        for p in params:
-            p.grad = None
-        return grads
+        run = inner_steps(params, k, self.rho, gradient, inner_step)
+        self.pending = (params, run.slow, run.first_move)
+        return run.clean
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.pending is None:

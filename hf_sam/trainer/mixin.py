@@ -22,7 +22,6 @@ from ..engine.descents.xsam import alpha_grid
 from . import compat
 from .args import SAMArgumentsMixin
 from .checks import check_launch, check_optimizer_steps_outside_backward, check_trainable_dtypes, perturbed_weights_mode
-from .every_n import EveryNSteps
 from .gradient_backend import AutogradBackend, GradientBackend
 from .launch import GradientSync
 from .lookbehind import LookbehindStep
@@ -100,7 +99,7 @@ class SAMMixin:
             sam_config = self.args.sam_config if isinstance(self.args, SAMArgumentsMixin) else SAMConfig()
         sam_config.validate()
         self.sam_config = sam_config
-        self.sam_run = SAMRun()  # what one train() owns (hf_sam.trainer.run_state)
+        self._sam_new_run()  # what one train() owns (hf_sam.trainer.run_state)
         self._sam_metrics = SAMStepMetrics(sam_config.diagnostics)
         self.sam_micro_batches_run = 0
         # XSAM's dynamic alpha and the epoch it was chosen in (saved with checkpoints)
@@ -108,10 +107,6 @@ class SAMMixin:
         self._sam_xsam_epoch: int | None = None
         self._lookbehind: LookbehindStep | None = None
         self._msam: MomentumSAMStep | None = MomentumSAMStep(self) if sam_config.method == "msam" else None
-        self._sam_every_n = EveryNSteps(self) if sam_config.every_n_steps > 1 else None
-        self._sam_rho_schedule = (
-            LearningRateRho(sam_config.rho, sam_config.rho_min) if sam_config.rho_schedule == "lr" else None
-        )
         self._sam_fidelity = FidelityLog()  # sam/perturbation_fidelity
         if sam_config.ascent_steps >= 1:
             self.add_callback(_EverySAMStepRan(self))
@@ -142,13 +137,11 @@ class SAMMixin:
             self._sam_new_run()
 
     def _sam_new_run(self) -> None:
-        """A new run's state: a new SAMRun, and no every-n memory or rho bounds from an earlier run (a resumed run
-        reads them back from its checkpoint)."""
-        self.sam_run = SAMRun()
-        if self._sam_every_n is not None:
-            self._sam_every_n.forget()
-        if self._sam_rho_schedule is not None:
-            self._sam_rho_schedule.bounds = None
+        """A new run's state, with nothing of an earlier run's (its engine, LookSAM's g_v in it, the rho schedule's
+        bounds): a resumed run reads them back from its checkpoint."""
+        config = self.sam_config
+        schedule = LearningRateRho(config.rho, config.rho_min) if config.rho_schedule == "lr" else None
+        self.sam_run = SAMRun(rho_schedule=schedule)
 
     def _sam_bind(self, model: nn.Module) -> MultiStepAscent:
         """The engine for the model being trained (the one training_step receives)."""
@@ -156,13 +149,10 @@ class SAMMixin:
             check_trainable_dtypes(model)
             kwargs = {**self.sam_config.engine_kwargs(), "perturbed_weights": perturbed_weights_mode(self)}
             params, placement = list(model.parameters()), {}
-            if self.is_deepspeed_enabled:  # this rank's parts of ZeRO's partitions (hf_sam.trainer.zero_partitions)
+            if self.is_deepspeed_enabled:  # this rank's parts of ZeRO's partitions (hf_sam.trainer.deepspeed)
                 from .deepspeed import sam_engine_tensors
 
                 params, placement = sam_engine_tensors(self, model)
-            memory = self._sam_every_n.memory if self._sam_every_n is not None else None
-            if memory is not None:  # LookSAM: SAM's descent that also remembers g_v
-                kwargs["descent"] = memory
             self.sam_run.engine = MultiStepAscent(params, **kwargs, **placement)
             self._sam_load_pending_state(self.sam_run.engine)
             self.sam_run.bound_to = model
@@ -245,12 +235,14 @@ class SAMMixin:
             return loss
         engine = self._sam_bind(model)
         engine.grad_scale = self._loss_scale()
-        if self._sam_rho_schedule is not None:
+        if self.sam_run.rho_schedule is not None:
             engine.set_rho(rho)
-        every_n = self._sam_every_n
-        if every_n is not None and not every_n.full_step(self.state.global_step):  # one pass (LookSAM)
+        if self.state.global_step % self.sam_config.every_n_steps:  # SAM every n steps: one pass between
             self._sam_micro_batch_done(1)
-            return every_n.cheap_step(engine.params, engine.layout, stock)
+            loss = stock()
+            if self.accelerator.sync_gradients:  # the step's last micro-batch: LookSAM adds its reused term
+                engine.one_pass_step()
+            return loss
         inputs = self.sam_shared_inputs(model, inputs)
         extra_inputs = dict(inputs)  # before the clean pass can change the dict it is given
         config = self.sam_config
@@ -282,8 +274,6 @@ class SAMMixin:
                 "a training_step override must call super().training_step() or self.accelerator.backward()."
             )
         self._sam_micro_batch_done(self.sam_config.ascent_steps + 1, len(micro.alphas or ()))
-        if every_n is not None:
-            every_n.after_full_micro_batch(engine.layout)
         if choose:
             self.sam_xsam_alpha = engine.xsam_alpha
             self._sam_xsam_epoch = self._sam_epoch_index()
@@ -345,10 +335,11 @@ class SAMMixin:
 
     def _sam_current_rho(self) -> float:
         """rho for this step: constant, or from the learning rate (sam_rho_schedule="lr")."""
-        if self._sam_rho_schedule is None:
+        schedule = self.sam_run.rho_schedule
+        if schedule is None:
             return self.sam_config.rho
         lr = self.optimizer.param_groups[0]["lr"]
-        return self._sam_rho_schedule.at(lr, self.lr_scheduler, self.state.max_steps)
+        return schedule.at(lr, self.lr_scheduler, self.state.max_steps)
 
     def _sam_load_pending_state(self, engine: MultiStepAscent) -> None:
         """State read from a checkpoint before the engine existed (F-SAM's m, LookSAM's g_v)."""

@@ -17,7 +17,6 @@ from ..engine.variants import lookup
 _PAPERS = {
     "multi-step": "multi-step ascent (Kim et al., 2023, arXiv 2302.10181)",
     "adaptive": "ASAM (Kwon et al., 2021, arXiv 2102.11600)",
-    "looksam": "LookSAM (Liu et al., 2022, arXiv 2203.02714)",
     "late": "SAM late in training (ICLR 2025, arXiv 2410.10373)",
 }
 # written on every card of a SAM run, whatever their value: they define the method
@@ -31,10 +30,9 @@ def method_papers(config: SAMConfig) -> list[str]:
     if config.method == "sam":
         if config.ascent_steps > 1:
             papers.append(_PAPERS["multi-step"])
-        for kind in ("ascent_rule", "descent", "direction"):
-            papers.append(lookup(kind, getattr(config, kind)).paper)
-        if config.every_n_steps > 1:
-            papers.append(_PAPERS["looksam"])
+        for kind in config.active_kinds():
+            if kind != "method":
+                papers.append(lookup(kind, getattr(config, kind)).paper)
     if config.adaptive:
         papers.append(_PAPERS["adaptive"])
     if config.start_step:

@@ -55,7 +55,7 @@ def loss_scale(trainer: Any) -> torch.Tensor | None:
     """The factor fp16 loss scaling puts on the gradients (accelerate's GradScaler, or DeepSpeed's under
     ``torch_autocast``), a device tensor read without a sync; None without loss scaling."""
     if trainer.is_deepspeed_enabled:
-        from .deepspeed_precision import deepspeed_scaler
+        from .deepspeed import deepspeed_scaler
 
         return scale_of(deepspeed_scaler(trainer), trainer.args.device)
     return scale_of(getattr(trainer.accelerator, "scaler", None), trainer.args.device)

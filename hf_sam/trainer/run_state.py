@@ -2,9 +2,9 @@
 
 The trainer holds one :class:`SAMRun` at a time (``trainer.sam_run``), made anew when ``train()`` starts and when it
 ends: another ``train()`` (``model_init``, ``hyperparameter_search``) may train another model or re-wrap it, and a
-resumed run reads back from its checkpoint what it needs. Everything SAM keeps between steps of a run is here or
-in an object the config made once (the every-n memory, the rho schedule), which :meth:`SAMMixin._sam_new_run`
-resets.
+resumed run reads back from its checkpoint what it needs. Everything SAM keeps between steps of a run is here (the
+engine holds the descent's memory: LookSAM's g_v, F-SAM's momentum); only XSAM's chosen alpha, the metrics and the
+micro-batch count live on the trainer.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from ..engine.ascent import MultiStepAscent
+from .rho_schedule import LearningRateRho
 
 
 @dataclass
@@ -29,6 +30,8 @@ class SAMRun:
     flops_factor: the last micro-batch's forward+backward passes (the Trainer's total_flops).
     zero_parts: under DeepSpeed, this rank's parts of ZeRO's partitions the engine works on.
     held_descent: under DeepSpeed, the descent gradients of a step's earlier micro-batches.
+    rho_schedule: ``sam_rho_schedule="lr"``'s rho from the learning rate, with the bounds it read from this run's
+        schedule (None for a constant rho).
     """
 
     engine: MultiStepAscent | None = None
@@ -39,3 +42,4 @@ class SAMRun:
     flops_factor: float = 1.0
     zero_parts: Any = None
     held_descent: Any = None
+    rho_schedule: LearningRateRho | None = None

@@ -23,8 +23,9 @@ def save_sam_state(trainer: Any, folder: str) -> None:
     state: dict[str, Any] = {}
     if config.descent == "xsam":
         state.update(xsam_alpha=trainer.sam_xsam_alpha, xsam_epoch=trainer._sam_xsam_epoch)
-    if trainer._sam_rho_schedule is not None and trainer._sam_rho_schedule.bounds is not None:
-        state["rho_lr_bounds"] = list(trainer._sam_rho_schedule.bounds)
+    schedule = trainer.sam_run.rho_schedule
+    if schedule is not None and schedule.bounds is not None:
+        state["rho_lr_bounds"] = list(schedule.bounds)
     if state and trainer.args.should_save:
         with open(os.path.join(folder, SAM_STATE_FILE), "w") as f:
             json.dump(state, f)
@@ -56,8 +57,8 @@ def load_sam_state(trainer: Any, checkpoint: str | None) -> None:
             state = json.load(f)
         if "xsam_alpha" in state:
             trainer.sam_xsam_alpha, trainer._sam_xsam_epoch = state["xsam_alpha"], state["xsam_epoch"]
-        if "rho_lr_bounds" in state and trainer._sam_rho_schedule is not None:
-            trainer._sam_rho_schedule.bounds = tuple(state["rho_lr_bounds"])
+        if "rho_lr_bounds" in state and trainer.sam_run.rho_schedule is not None:
+            trainer.sam_run.rho_schedule.bounds = tuple(state["rho_lr_bounds"])
     tensors = tensor_state_file(checkpoint, trainer.args.process_index)
     if os.path.isfile(tensors):
         trainer.sam_run.pending_state = torch.load(tensors, weights_only=True)

@@ -1,35 +1,22 @@
-"""Run by test_deepspeed.py under torch.distributed.run (2 gloo processes on the CPU): TRL's SFT with SAM
+"""A job of deepspeed_worker.py (2 gloo processes on the CPU, launched by test_deepspeed.py): TRL's SFT with SAM
 under DeepSpeed ZeRO-3 and gradient accumulation, the fine-tuning set-up of a large model in miniature (a
 tiny GPT-2 from a config, the bundled arithmetic instructions). Saves the gathered weights at the end and
 the token ids every rank trained on, for the one-process comparison on the joint micro-batches.
-
-The launch follows ../shared/TRAINER_NOTES.md ("DeepSpeed on a CPU"), as deepspeed_worker.py does.
 """
 
 import os
-import sys
 
 import torch
-import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from tests.distributed.deepspeed_worker import ds_config, full_weights  # noqa: E402
-from tests.distributed.sft_setup import SFT_ARGS, sft_data  # noqa: E402
-from tests.tiny_lm import gpt2  # noqa: E402
+from tests.distributed.sft_setup import SFT_ARGS, sft_data
+from tests.tiny_lm import gpt2
 
 
-def main():
-    from accelerate import PartialState
-
+def run_sft(out_dir, stage, ds_config, full_weights):
+    """SFT in fp32 and in TRL's default bf16 at ``stage`` (``ds_config``, ``full_weights``: the worker's)."""
     from hf_sam import SAMSFTConfig, SAMSFTTrainer
     from hf_sam.tasks.instructions import word_tokenizer
 
-    out_dir, stage = sys.argv[1], int(sys.argv[2])
-    torch.set_num_threads(1)
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    PartialState(backend="gloo")
-    del os.environ["ACCELERATE_USE_DEEPSPEED"]
-    rank = dist.get_rank()
     seen = []
 
     class SeeingSFT(SAMSFTTrainer):
@@ -59,11 +46,4 @@ def main():
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state()  # the next run builds its own DeepSpeed plugin (see deepspeed_worker.py)
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    sys.stdout.flush()
-    os._exit(0)  # skip gloo's teardown, which can abort under load
-
-
-if __name__ == "__main__":
-    main()
+    return results

@@ -1,5 +1,5 @@
 """Run by test_deepspeed.py under torch.distributed.run (2 gloo processes on the CPU): SAMTrainer under
-DeepSpeed ZeRO stage argv[2] for each SAM configuration of argv[3] (JSON), a few optimizer steps each;
+DeepSpeed ZeRO, for each job of argv[2] (JSON: its stage and SAM configurations), a few optimizer steps each;
 dumps what every rank saw, the full weights before every step and at the end, the logged norms and
 DeepSpeed's own step count, for the float64 check on the joint batch.
 
@@ -202,26 +202,24 @@ def measure_allocations(out_dir, stage):
             "largest_param", "engine_steps")}}  # fmt: skip
 
 
-def main():
-    from accelerate import PartialState
+def run_job(out_dir, stage, configs, flags):
+    """One job: every configuration at ``stage``, then the memory measurement and the resumes ``flags`` ask for;
+    or TRL's SFT (flag "sft", tests/distributed/deepspeed_sft_worker.py)."""
+    if "sft" in flags:
+        from tests.distributed.deepspeed_sft_worker import run_sft
 
-    out_dir, stage, configs = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-    torch.set_num_threads(1)
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    PartialState(backend="gloo")
-    del os.environ["ACCELERATE_USE_DEEPSPEED"]
-    rank = dist.get_rank()
+        return run_sft(out_dir, stage, ds_config, full_weights)
     if precision_options()[1].get("_refusal"):  # only the refusal: SAMTrainer must raise before training
+        from accelerate.state import AcceleratorState
+
         try:
             train(os.path.join(out_dir, "refused"), stage, {"sam_ascent_steps": 1})
             refusal = ""
         except ValueError as error:
             refusal = str(error)
-        torch.save({"refusal": refusal}, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-        os._exit(0)
+        AcceleratorState._reset_state()
+        return {"refusal": refusal}
     results = [train(os.path.join(out_dir, f"run{i}"), stage, sam) for i, sam in enumerate(configs)]
-    flags = sys.argv[4:]
     memory = measure_allocations(os.path.join(out_dir, "memory"), stage) if "memory" in flags else None
     resume = {}
     if "resume" in flags:
@@ -238,8 +236,28 @@ def main():
                 dist.barrier()
                 forgetful = train(folder, stage, sam, steps=4, resume=os.path.join(folder, "checkpoint-2"), **common)
                 resume[label]["forgetful"] = forgetful["after"]
-    torch.save({"results": results, "resume": resume, "memory": memory}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
+    return {"results": results, "resume": resume, "memory": memory}
+
+
+def main():
+    """argv[1]: the output folder; argv[2]: the jobs (JSON: name -> stage, configs, precision sections, flags), run
+    one after the other in this launch (one start-up of the processes for all of them); each job's results go to
+    <folder>/<name>/rank<r>.pt."""
+    from accelerate import PartialState
+
+    out_dir, jobs = sys.argv[1], json.loads(sys.argv[2])
+    torch.set_num_threads(1)
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+    del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    rank = dist.get_rank()
+    for name, job in jobs.items():
+        os.environ["HF_SAM_TEST_DS_PRECISION"] = json.dumps(job.get("precision") or {})
+        folder = os.path.join(out_dir, name)
+        os.makedirs(folder, exist_ok=True)
+        result = run_job(folder, job["stage"], job.get("configs", []), job.get("flags", []))
+        torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
+        dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()

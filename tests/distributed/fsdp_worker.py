@@ -38,11 +38,10 @@ def family_batches(rank):
 
 
 def run_family(name, mesh, rank):
-    """The trainer's use of the engine, by hand: SAM steps (with LookSAM's memory and reuse on its
-    steps), MSAM's one pass at w - rho v/||v||, WSAM's update after the optimizer step."""
-    from hf_sam.engine.descents.looksam import LookSAMDescent, add_reuse_
+    """The trainer's use of the engine, by hand: SAM steps (with LookSAM's memory, the descent the config builds for
+    sam_every_n_steps > 1, and its reuse on the one-pass steps), MSAM's one pass at w - rho v/||v||, WSAM's update
+    after the optimizer step (LookSAM's g_v is taken there too)."""
     from hf_sam.engine.momentum import MomentumPerturbation
-    from hf_sam.engine.tensors import local
 
     torch.manual_seed(0)
     model = TinyNet()
@@ -52,9 +51,6 @@ def run_family(name, mesh, rank):
     config = SAMConfig(rho=0.3, **FAMILY[name])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     engine = MultiStepAscent(model.parameters(), **config.engine_kwargs()) if config.method == "sam" else None
-    memory = LookSAMDescent(config.reuse_granularity) if config.reuse_alpha > 0 else None
-    if memory is not None:
-        engine.descent_rule = memory
     for t, (x, y) in enumerate(family_batches(rank)):
         loss = lambda x=x, y=y: F.cross_entropy(model(x)["logits"], y)  # noqa: E731
         if config.method == "msam":
@@ -65,13 +61,10 @@ def run_family(name, mesh, rank):
             perturbation.restore()
         elif t % config.every_n_steps == 0:
             engine.step(loss)
-            if memory is not None:
-                memory.finish_step(engine.layout)
         else:
             loss().backward()
-            if memory is not None and memory.g_v is not None:
-                add_reuse_([local(p.grad) for p in engine.params], memory.g_v, config.reuse_alpha,
-                           config.reuse_granularity, engine.layout)  # fmt: skip
+            if engine is not None:
+                engine.one_pass_step()
         optimizer.step()
         if engine is not None:
             engine.after_optimizer_step(optimizer)

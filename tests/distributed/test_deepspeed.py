@@ -10,6 +10,7 @@ float32 rounding: 2e-6 on weights of size ~0.5 after one step.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ..helpers import free_port
 from ..reference_sam import NAMES, flatten, sam_gradient
-from .test_distributed import _free_port
 
 pytest.importorskip("deepspeed")
 
@@ -39,27 +40,21 @@ CONFIGS = [
 ]
 
 
-def _launch(
-    out: Path,
-    stage: int,
-    resume: bool = False,
-    configs: list[dict] = CONFIGS,
-    precision: dict | None = None,
-    ranks: int = 2,
-    worker: str = "deepspeed_worker.py",
-) -> list[dict]:
-    """``precision``: DeepSpeed config sections for every run (keys with "_" are the worker's switches)."""
+def _launch(out: Path, jobs: dict[str, dict], ranks: int = 2) -> dict[str, list[dict]]:
+    """Run ``jobs`` one after the other in one launch of ``ranks`` processes (their start-up, DeepSpeed's import
+    included, is paid once for all); returns each job's results, one per rank.
+
+    A job: ``stage``, ``configs`` (the SAM configurations), ``precision`` (DeepSpeed config sections for its runs;
+    keys with "_" are the worker's switches) and ``flags`` ("resume", "memory", "sft")."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    env["HF_SAM_TEST_DS_PRECISION"] = json.dumps(precision or {})
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-        "--master_port", str(_free_port()),
-        str(ROOT / "tests" / "distributed" / worker), str(out), str(stage), json.dumps(configs),
-        *(["resume", "memory"] if resume else []),
+        "--master_port", str(free_port()),
+        str(ROOT / "tests" / "distributed" / "deepspeed_worker.py"), str(out), json.dumps(jobs),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=out)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, cwd=out)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return [torch.load(out / f"rank{r}.pt") for r in range(ranks)]
+    return {name: [torch.load(out / name / f"rank{r}.pt") for r in range(ranks)] for name in jobs}
 
 
 # the SAM family members that run under ZeRO (ZeRO-2 and ZeRO-3 launches), in the trainer's flags and the
@@ -84,15 +79,63 @@ XSAM_CONFIG = {"sam_descent": "xsam", "sam_xsam_alpha": 0.5, "sam_ascent_steps":
 FOUR_RANK_CONFIGS = [CONFIGS[5], CONFIGS[6]]
 
 
+# ZeRO-3 with DeepSpeed's default persistence threshold (small parameters kept whole on every rank)
+PERSISTENT_CONFIGS = [CONFIGS[1], CONFIGS[5]]
+
+
+# the jobs of the tests that are not parametrized by zero_ranks
+JOB_OF_TEST = {
+    "test_zero3_with_persistent_parameters_matches_the_reference": "zero3-persistent",
+    "test_trl_sft_under_zero3_with_accumulation_equals_one_process": "sft",
+}
+
+
+def _asked_jobs(session: pytest.Session) -> set[str]:
+    """The jobs the selected tests of this module use: a run of some of them launches only theirs."""
+    asked = set()
+    for item in session.items:
+        if Path(item.path) != Path(__file__):
+            continue
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "zero_ranks" in callspec.params:
+            asked.add(f"zero{callspec.params['zero_ranks']}")
+        elif item.originalname in JOB_OF_TEST:
+            asked.add(JOB_OF_TEST[item.originalname])
+    return asked
+
+
+@pytest.fixture(scope="module")
+def two_ranks(request, tmp_path_factory):
+    """The 2-rank jobs of the selected tests, in one launch: each stage's configurations (ZeRO-2 and ZeRO-3 also
+    the family, XSAM, the resumes and the allocation tracking), ZeRO-3 with persistent parameters, TRL's SFT."""
+    jobs = {
+        f"zero{stage}": {
+            "stage": stage,
+            "configs": CONFIGS + ([sam for sam, _ in FAMILY_CONFIGS] + [XSAM_CONFIG] if stage in (2, 3) else []),
+            "flags": ["resume", "memory"] if stage in (2, 3) else [],
+        }
+        for stage in range(4)
+    }
+    jobs["zero3-persistent"] = {"stage": 3, "configs": PERSISTENT_CONFIGS, "precision": {"_persistent": True}}
+    jobs["sft"] = {"stage": 3, "flags": ["sft"]}
+    asked = _asked_jobs(request.session)
+    if importlib.util.find_spec("trl") is None:  # (its test skips)
+        asked.discard("sft")
+    return _launch(tmp_path_factory.mktemp("zero-2ranks"), {n: job for n, job in jobs.items() if n in asked})
+
+
+@pytest.fixture(scope="module")
+def four_ranks(request, tmp_path_factory):
+    asked = _asked_jobs(request.session)
+    jobs = {f"zero{stage}x4": {"stage": stage, "configs": FOUR_RANK_CONFIGS} for stage in (2, 3)}
+    return _launch(tmp_path_factory.mktemp("zero-4ranks"), {n: job for n, job in jobs.items() if n in asked}, 4)
+
+
 @pytest.fixture(scope="module", params=[0, 1, 2, 3, "2x4", "3x4"], ids=lambda s: f"zero{s}")
-def zero_ranks(request, tmp_path_factory):
+def zero_ranks(request):
     if isinstance(request.param, str):  # 4 ranks
-        stage = int(request.param[0])
-        out = tmp_path_factory.mktemp(f"zero{stage}x4")
-        return stage, _launch(out, stage, configs=FOUR_RANK_CONFIGS, ranks=4)
-    stage = request.param
-    configs = CONFIGS + ([sam for sam, _ in FAMILY_CONFIGS] + [XSAM_CONFIG] if stage in (2, 3) else [])
-    return stage, _launch(tmp_path_factory.mktemp(f"zero{stage}"), stage, resume=stage in (2, 3), configs=configs)
+        return int(request.param[0]), request.getfixturevalue("four_ranks")[f"zero{request.param}"]
+    return request.param, request.getfixturevalue("two_ranks")[f"zero{request.param}"]
 
 
 def _reference(config: dict):
@@ -109,13 +152,12 @@ def test_updates_match_the_synchronized_float64_reference(zero_ranks):
     assert_updates_match(stage, ranks, CONFIGS if len(ranks) == 2 else FOUR_RANK_CONFIGS)
 
 
-def test_zero3_with_persistent_parameters_matches_the_reference(tmp_path):
+def test_zero3_with_persistent_parameters_matches_the_reference(two_ranks):
     """DeepSpeed's default stage3_param_persistence_threshold keeps small parameters whole on every rank (all
     of TinyNet's): after each move SAM re-gathers them from the partitions, as ZeRO-3's step does."""
-    configs = [CONFIGS[1], CONFIGS[5]]
-    ranks = _launch(tmp_path, 3, configs=configs, precision={"_persistent": True})
+    ranks = two_ranks["zero3-persistent"]
     assert all(run["persistent"] == len(NAMES) for rank in ranks for run in rank["results"])
-    assert_updates_match(3, ranks, configs)
+    assert_updates_match(3, ranks, PERSISTENT_CONFIGS)
     assert_no_pass_became_a_step(ranks, "zero3 persistent")
 
 
@@ -275,7 +317,7 @@ def _relative(a: dict, b: dict) -> float:
     return float((x - y).norm() / y.norm())
 
 
-def test_trl_sft_under_zero3_with_accumulation_equals_one_process(tmp_path):
+def test_trl_sft_under_zero3_with_accumulation_equals_one_process(two_ranks, tmp_path):
     """TRL's SFTTrainer with SAM (k = 2) under ZeRO-3 with accumulation 2 on 2 ranks, the fine-tuning set-up of a
     large model in miniature (a tiny GPT-2 with tied embeddings, the bundled instructions), equals SAMSFTTrainer
     in one process on the joint micro-batches (whose update test_trl checks against float64): fp32 to float32
@@ -287,7 +329,7 @@ def test_trl_sft_under_zero3_with_accumulation_equals_one_process(tmp_path):
     from ..tiny_lm import gpt2
     from .sft_setup import SFT_ARGS, sft_data
 
-    ranks = _launch(tmp_path, 3, configs=[], worker="deepspeed_sft_worker.py")
+    ranks = two_ranks["sft"]
 
     def one_process(precision: str, **sam) -> dict:
         args = SAMSFTConfig(

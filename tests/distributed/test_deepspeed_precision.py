@@ -50,12 +50,24 @@ OVERFLOW_CONFIGS = {"ascent": {"sam_ascent_steps": 1, "_poison": {"1": math.inf}
                     "descent": {"sam_ascent_steps": 1, "_poison": {"2": math.inf}}}  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def precision_ranks(tmp_path_factory):
+    """Every case of this module in one launch, and the refused bf16 storage."""
+    jobs = {
+        case: {
+            "stage": stage,
+            "configs": AUTOCAST_CONFIGS + (list(OVERFLOW_CONFIGS.values()) if case.endswith("fp16") else []),
+            "precision": precision,
+        }
+        for case, (stage, precision) in CASES.items()
+    }
+    jobs["refused"] = {"stage": 2, "precision": {"bf16": {"enabled": True}, "_bf16_flag": True, "_refusal": True}}
+    return _launch(tmp_path_factory.mktemp("precision"), jobs)
+
+
 @pytest.fixture(scope="module", params=list(CASES), ids=str)
-def autocast_ranks(request, tmp_path_factory):
-    stage, precision = CASES[request.param]
-    configs = AUTOCAST_CONFIGS + (list(OVERFLOW_CONFIGS.values()) if request.param.endswith("fp16") else [])
-    ranks = _launch(tmp_path_factory.mktemp(request.param), stage, configs=configs, precision=precision)
-    return request.param, ranks
+def autocast_ranks(request, precision_ranks):
+    return request.param, precision_ranks[request.param]
 
 
 def _one_process(tmp_path, runs: list[dict], config: dict, bf16: bool) -> torch.Tensor:
@@ -139,11 +151,8 @@ def test_bf16_flag_is_mapped_onto_torch_autocast(autocast_ranks):
             assert run["ds_precision"]["torch_autocast"]["lower_precision_safe_modules"] == []
 
 
-def test_bf16_parameter_storage_is_refused_naming_torch_autocast(tmp_path):
-    ranks = _launch(
-        tmp_path, 2, configs=[], precision={"bf16": {"enabled": True}, "_bf16_flag": True, "_refusal": True}
-    )
-    message = ranks[0]["refusal"]
+def test_bf16_parameter_storage_is_refused_naming_torch_autocast(precision_ranks):
+    message = precision_ranks["refused"][0]["refusal"]
     assert "bf16 parameter storage" in message and '"torch_autocast": {"enabled": true' in message, message
 
 

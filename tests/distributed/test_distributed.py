@@ -9,17 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ..helpers import free_port
 from ..reference_sam import NAMES, flatten, sam_gradient
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(tmp_path, k, grad_accum, sync, descent="last", resume=False):
@@ -31,7 +24,7 @@ def _launch(tmp_path, k, grad_accum, sync, descent="last", resume=False):
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(ROOT / "tests" / "distributed" / "ddp_worker.py"),
         str(tmp_path),
         str(k),

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ..helpers import free_port
 from ..reference_family import simulate
 from ..reference_sam import NAMES, flatten
-from .test_distributed import _free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -25,7 +25,7 @@ def _launch(tmp_path, cases: dict) -> dict[str, list[dict]]:
     """Every case in one launch of 2 processes (a launch is most of a case's time)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         str(ROOT / "tests" / "distributed" / "family_ddp_worker.py"), str(tmp_path),
         json.dumps({"steps": STEPS, "cases": cases}),
     ]  # fmt: skip

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ..helpers import free_port
 from ..reference_sam import NAMES, flatten, sam_gradient
-from .test_distributed import _free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,7 +21,7 @@ def _launch(out: Path, ranks: int, *mode: str) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-        "--master_port", str(_free_port()), str(ROOT / "tests" / "distributed" / "fsdp_worker.py"), str(out), *mode,
+        "--master_port", str(free_port()), str(ROOT / "tests" / "distributed" / "fsdp_worker.py"), str(out), *mode,
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=out)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -17,6 +17,8 @@ from hf_sam.tasks import DataArguments, ModelArguments, load_embedded
 from hf_sam.tasks.data import load_raw_datasets
 from hf_sam.tasks.run import main
 
+from ..helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY_BERT = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
 
@@ -308,6 +310,8 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
         "2",
         "--num_machines",
         "1",
+        "--main_process_port",
+        str(free_port()),
         "--mixed_precision",
         "no",
         "--dynamo_backend",

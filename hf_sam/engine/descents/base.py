@@ -7,9 +7,10 @@
 Each descent is driven by :class:`~hf_sam.engine.ascent.MultiStepAscent` through the hooks :class:`LastDescent`
 declares, each with its default: ``begin`` (a new step), ``ascent_gradient`` (each ascent step's gradient, T g
 under ASAM), ``before_backward`` (returns the descent loss's factor), ``after_backward``, ``after_optimizer_step``
-(a descent that moves the weights itself after the optimizer, WSAM's), ``choose_alpha`` (XSAM's dynamic alpha),
-and ``state_dict``/``load_state_dict`` (what it carries across steps, for checkpoints). It sees the engine as a
-:class:`DescentContext`.
+(a descent that moves the weights itself after the optimizer, WSAM's; LookSAM's memory ends its step there),
+``one_pass_step`` (the one-pass steps of ``sam_every_n_steps`` > 1: LookSAM's reuse), ``choose_alpha`` (XSAM's
+dynamic alpha), and ``state_dict``/``load_state_dict`` (what it carries across steps, for checkpoints). It sees the
+engine as a :class:`DescentContext`.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ class LastDescent:
     ) -> None:
         """Right after ``optimizer.step()`` (``weights``: the trainable tensors; ``skipped``: a GradScaler skipped
         the step): a descent that moves the weights itself does it here."""
+
+    def one_pass_step(self, params: list[Tensor], layout: ShardLayout) -> None:
+        """At the last micro-batch of a one-pass step between SAM steps (``sam_every_n_steps`` > 1), its gradient in
+        ``params``' p.grad: a descent that remembers something from the SAM steps adds it here (LookSAM's reuse)."""
 
     def choose_alpha(self, engine: DescentContext, loss_at: Callable[[], Tensor | float], alphas: list[float]) -> float:
         """A descent with an alpha chosen during training (XSAM's dynamic one) picks it among ``alphas``."""

@@ -7,7 +7,7 @@ partitions, so each SAM pass is driven here instead (checked on DeepSpeed 0.19.8
 - every pass runs ``engine.backward(loss)`` at a gradient-accumulation boundary (so that the engine
   reduces the gradient over all ranks now; ZeRO-2 keeps non-boundary gradients in a private buffer)
   and never ``engine.step()``, except after the descent;
-- the SAM engine works on this rank's parts only (:mod:`hf_sam.trainer.zero_partitions`): the ascent
+- the SAM engine works on this rank's parts only (:mod:`.partitions`): the ascent
   gradient is the rank's partition of the all-ranks gradient the boundary backward reduced (the ascent is
   synchronized), the norms are summed over the ranks, the engine's buffers are cleared with
   ``engine.optimizer.zero_grad()`` so that no ascent gradient reaches the step, and after each move the
@@ -29,7 +29,7 @@ the weights (after k - 1 ascent steps, before the descent and at the restore: as
 steps); under ZeRO-3 each pass gathers the parameters for its forward and backward anyway, and a refresh
 re-gathers only the persistent ones.
 
-Mixed precision is DeepSpeed's ``torch_autocast`` (``deepspeed_precision.py``); 16-bit parameter storage is
+Mixed precision is DeepSpeed's ``torch_autocast`` (:mod:`.precision`); 16-bit parameter storage is
 refused.
 """
 
@@ -40,9 +40,9 @@ from typing import Any
 
 import torch
 
-from ..engine.ascent import MultiStepAscent
-from .gradient_backend import Backward
-from .zero_partitions import ReplicatedParts, ZeroParts, zero_parts
+from ...engine.ascent import MultiStepAscent
+from ..gradient_backend import Backward
+from .partitions import ReplicatedParts, ZeroParts, zero_parts
 
 
 def zero_stage(trainer: Any) -> int:
@@ -77,7 +77,7 @@ def _added(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | Non
 
 class DeepSpeedBackend:
     """The passes of one SAM micro-batch on a DeepSpeed engine (see the module); the SAM engine works on
-    this rank's parts (:mod:`hf_sam.trainer.zero_partitions`)."""
+    this rank's parts (:mod:`.partitions`)."""
 
     def __init__(
         self,
@@ -186,9 +186,9 @@ def deepspeed_backend(trainer: Any, engine: MultiStepAscent) -> DeepSpeedBackend
 
 
 def stock_pass(trainer: Any, stock: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """The stock training step under DeepSpeed (SAM every n steps' cheap steps), with the accumulation
+    """The stock training step under DeepSpeed (SAM every n steps' one-pass steps), with the accumulation
     boundary accelerate means: SAM's passes force it to True, and older accelerate releases (1.3 among them)
-    let DeepSpeed's own count decide, so a cheap micro-batch would be taken for a boundary and ZeRO-1/2
+    let DeepSpeed's own count decide, so a one-pass micro-batch would be taken for a boundary and ZeRO-1/2
     would overwrite the gradient accumulated so far."""
 
     def run() -> torch.Tensor:
