@@ -1,5 +1,7 @@
-"""Run by test_distributed.py under torch.distributed.run: one SAMTrainer step per rank, then dump
-what each rank saw (its micro-batches) and the weights before and after, for the float64 check."""
+"""Run by test_distributed.py under torch.distributed.run: for each job of argv[2] (JSON: name -> k, accumulation,
+synchronized ascent, descent, resume), one SAMTrainer step per rank, then dump what each rank saw (its
+micro-batches) and the weights before and after, for the float64 check, to <argv[1]>/<name>/rank<r>.pt. The jobs
+run one after the other in this one launch."""
 
 import json
 import os
@@ -25,9 +27,7 @@ class Recorder(TrainerCallback):
 
 
 class SeeingTrainer(SAMTrainer):
-    """Records the micro-batches this rank trains on (the data, not the math)."""
-
-    seen: list = []
+    """Records the micro-batches this rank trains on (the data, not the math) in ``seen``."""
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.seen.append({k: v.detach().clone() for k, v in inputs.items()})
@@ -56,10 +56,8 @@ def resume_check(out_dir, k, grad_accum, sync):
     return finals
 
 
-def main():
-    out_dir, k, grad_accum, sync = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-    xsam = {"sam_descent": "xsam", "sam_xsam_alpha": 0.5} if len(sys.argv) > 5 and sys.argv[5] == "xsam" else {}
-    torch.set_num_threads(1)
+def run_job(out_dir, k, grad_accum, sync, descent="last", resume=False):
+    xsam = {"sam_descent": "xsam", "sam_xsam_alpha": 0.5} if descent == "xsam" else {}
     set_seed(0)
     model = TinyNet()
     rec = Recorder()
@@ -73,20 +71,25 @@ def main():
         **xsam,
     )
     trainer = SeeingTrainer(model=model, args=args, train_dataset=make_data(24, seed=4), callbacks=[rec])
+    trainer.seen = []
     trainer.train()
+    return {
+        "before": rec.before,
+        "after": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "batches": trainer.seen,
+        "world": int(os.environ["WORLD_SIZE"]),
+        "resume": resume_check(out_dir, k, grad_accum, sync) if resume else None,
+    }
+
+
+def main():
+    out_dir, jobs = sys.argv[1], json.loads(sys.argv[2])
+    torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
-    resumed = resume_check(out_dir, k, grad_accum, sync) if "resume" in sys.argv[6:] else None
-    torch.save(
-        {
-            "before": rec.before,
-            "after": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "batches": trainer.seen,
-            "world": int(os.environ["WORLD_SIZE"]),
-            "resume": resumed,
-        },
-        os.path.join(out_dir, f"rank{rank}.pt"),
-    )
-    print(json.dumps({"rank": rank, "micro_batches": len(trainer.seen)}))
+    for name, job in jobs.items():
+        folder = os.path.join(out_dir, name)
+        os.makedirs(folder, exist_ok=True)
+        torch.save(run_job(folder, **job), os.path.join(folder, f"rank{rank}.pt"))
     # The results are on disk. Skip the interpreter's teardown: gloo's destructors can abort
     # (SIGABRT, "terminate called without an active exception") when the machine is loaded.
     sys.stdout.flush()

@@ -1,6 +1,7 @@
 """DDP with 2 CPU processes (gloo): the SAM update equals a single-process float64 reference built
 from the per-rank batches, per-device perturbation (default) or one shared perturbation (sync)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -15,45 +16,41 @@ from ..reference_sam import NAMES, flatten, sam_gradient
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _launch(tmp_path, k, grad_accum, sync, descent="last", resume=False):
+def _launch(out: Path, jobs: dict[str, dict]) -> dict[str, list[dict]]:
+    """Run ``jobs`` (name -> ddp_worker.run_job's arguments) one after the other in one launch of 2 processes;
+    returns each job's results, one per rank."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(ROOT / "tests" / "distributed" / "ddp_worker.py"),
-        str(tmp_path),
-        str(k),
-        str(grad_accum),
-        "1" if sync else "0",
-        descent,
-        *(["resume"] if resume else []),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(ROOT / "tests" / "distributed" / "ddp_worker.py"), str(out), json.dumps(jobs),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=out)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    return {name: [torch.load(out / name / f"rank{r}.pt") for r in range(2)] for name in jobs}
+
+
+CONFIGURATIONS = [(2, 1, False), (2, 2, False), (2, 1, True), (3, 2, True)]
 
 
 @pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory):
-    """One launch per configuration, shared by the tests of this module (each launch costs ~10 s)."""
-    runs = {}
-
-    def run(k, grad_accum, sync):
-        if (k, grad_accum, sync) not in runs:
-            # (2, 2, per-device) also resumes a 4-step run from its step-2 checkpoint
-            resume = (k, grad_accum, sync) == (2, 2, False)
-            runs[k, grad_accum, sync] = _launch(tmp_path_factory.mktemp("ddp"), k, grad_accum, sync, resume=resume)
-        return runs[k, grad_accum, sync]
-
-    return run
+def ddp_jobs(tmp_path_factory):
+    """Every run of this module in one launch (each launch costs ~10 s): the configurations, (2, 2, per-device)
+    also resuming a 4-step run from its step-2 checkpoint, and XSAM."""
+    jobs = {
+        f"{k}-{grad_accum}-{sync}": {"k": k, "grad_accum": grad_accum, "sync": sync, "resume": (k, grad_accum, sync)
+                                     == (2, 2, False)}
+        for k, grad_accum, sync in CONFIGURATIONS
+    }  # fmt: skip
+    jobs["xsam"] = {"k": 2, "grad_accum": 1, "sync": True, "descent": "xsam"}
+    return _launch(tmp_path_factory.mktemp("ddp"), jobs)
 
 
-@pytest.mark.parametrize("k,grad_accum,sync", [(2, 1, False), (2, 2, False), (2, 1, True), (3, 2, True)])
+@pytest.fixture(scope="module")
+def ddp_runs(ddp_jobs):
+    return lambda k, grad_accum, sync: ddp_jobs[f"{k}-{grad_accum}-{sync}"]
+
+
+@pytest.mark.parametrize("k,grad_accum,sync", CONFIGURATIONS)
 def test_ddp_update_matches_float64_reference(ddp_runs, k, grad_accum, sync):
     ranks = ddp_runs(k, grad_accum, sync)
     before = ranks[0]["before"]
@@ -90,12 +87,12 @@ def test_sync_and_per_device_differ(ddp_runs):
     assert (flatten(a[0]["after"]) - flatten(b[0]["after"])).abs().max() > 1e-6
 
 
-def test_ddp_xsam_uses_the_all_reduced_gradient_and_the_shared_perturbation(tmp_path):
+def test_ddp_xsam_uses_the_all_reduced_gradient_and_the_shared_perturbation(ddp_jobs):
     """XSAM under DDP (synchronized ascent, required): every rank combines the same d_k (from the
     all-reduced ascent gradients) with the same all-reduced g_k, so the update is XSAM on the joint batch."""
     from ..reference_sam import xsam_gradient
 
-    ranks = _launch(tmp_path, 2, 1, True, "xsam")
+    ranks = ddp_jobs["xsam"]
     before = ranks[0]["before"]
     shapes = {n: tuple(before[n].shape) for n in NAMES}
     x = torch.cat([r["batches"][0]["x"] for r in ranks])
