@@ -99,5 +99,5 @@ class FidelityLog:
         if self._probe is None or self._probe[0] is not engine:
             # under ZeRO the engine holds this rank's parts: measured over them, as over FSDP2's own shards
             parts = trainer.sam_run.zero_parts if trainer.is_deepspeed_enabled else None
-            self._probe = (engine, FidelityProbe(model, engine, dtype, None if parts is None else parts.params))
+            self._probe = (engine, FidelityProbe(model, engine, dtype, None if parts is None else parts.owners))
         return self._probe[1]

@@ -185,7 +185,7 @@ def measure_allocations(out_dir, stage):
 
     def sizes(trainer):
         params = [p for p in trainer.model_wrapped.parameters() if p.requires_grad]
-        parts = trainer.sam_run.zero_parts.tensors
+        parts = trainer.sam_run.zero_parts.parts
         slots = [p.ds_tensor.numel() for p in params] if stage == 3 else [t.numel() for t in parts]
         return {
             "largest_part": max(t.numel() for t in parts),

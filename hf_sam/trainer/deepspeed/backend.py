@@ -88,7 +88,7 @@ class DeepSpeedBackend:
         last_micro_batch: bool = True,
     ) -> None:
         self.ds_engine = ds_engine
-        self.parts = parts
+        self.zero = parts  # this rank's parts (.partitions)
         self.rewrites = rewrites  # the descent changes g_s (mean): write the final gradient back
         self.held_descent = held if held is not None else HeldDescent()
         self.last_micro_batch = last_micro_batch  # the step's last: add the held descents and step
@@ -101,14 +101,14 @@ class DeepSpeedBackend:
         """The engine's backward, reduced over all ranks now, without a step; this rank's gradient parts."""
         self.ds_engine.set_gradient_accumulation_boundary(True)
         self.ds_engine.backward(loss, scale_wrt_gas=False)  # the Trainer divided by the accumulation steps
-        return self.parts.read_grads()
+        return self.zero.read_grads()
 
     def _set_grads(self, grads: list[torch.Tensor | None]) -> None:
-        for part, g in zip(self.parts.tensors, grads, strict=True):
+        for part, g in zip(self.zero.parts, grads, strict=True):
             part.grad = g
 
     def begin(self, engine: MultiStepAscent) -> None:
-        self.parts.check()
+        self.zero.check()
         engine.begin()
 
     def ascent_backward(self, loss: torch.Tensor, backward: Backward) -> None:
@@ -121,13 +121,13 @@ class DeepSpeedBackend:
         self._grads = []
         self._ascents += 1
         if self._ascents < engine.ascent_steps:  # after the last, begin_descent refreshes (it may move to w)
-            self.parts.refresh()
+            self.zero.refresh()
 
     def begin_descent(self, engine: MultiStepAscent) -> float | torch.Tensor:
         factor = engine.begin_descent()
-        self.parts.refresh()
+        self.zero.refresh()
         # what the descent folded into the grads (mean's sum) waits aside: the engine's backward fills its own
-        self._held = [part.grad for part in self.parts.tensors]
+        self._held = [part.grad for part in self.zero.parts]
         self._set_grads([None] * len(self._held))
         return factor
 
@@ -139,7 +139,7 @@ class DeepSpeedBackend:
         at w, the final gradient in the engine's partitions, then the optimizer step."""
         self._set_grads([_added(held, g) for held, g in zip(self._held, self._grads, strict=True)])
         engine.end_descent()
-        final = [part.grad for part in self.parts.tensors]
+        final = [part.grad for part in self.zero.parts]
         self.restore(engine)  # before the step: ZeRO-0 steps the parameters themselves
         self._set_grads([None] * len(final))
         self._grads, self._held = [], []
@@ -150,8 +150,8 @@ class DeepSpeedBackend:
         earlier = self.held_descent.take()
         if earlier is not None:
             final = [_added(g, e) for g, e in zip(final, earlier, strict=True)]
-        if self.rewrites or isinstance(self.parts, ReplicatedParts) or earlier is not None:
-            self.parts.write_grads(final)
+        if self.rewrites or isinstance(self.zero, ReplicatedParts) or earlier is not None:
+            self.zero.write_grads(final)
         self.ds_engine.step()
 
     def restore(self, engine: MultiStepAscent) -> None:
@@ -159,7 +159,7 @@ class DeepSpeedBackend:
         if not self._restored:
             self._restored = True
             engine.restore()
-            self.parts.refresh()
+            self.zero.refresh()
 
 
 def sam_engine_tensors(trainer: Any, model: Any) -> tuple[list[torch.nn.Parameter], dict]:
@@ -167,7 +167,7 @@ def sam_engine_tensors(trainer: Any, model: Any) -> tuple[list[torch.nn.Paramete
     and the engine's ``partition_group``. The parts live in the run's state (``trainer.sam_run``) for the passes."""
     engine = trainer.accelerator.deepspeed_engine_wrapped.engine
     trainer.sam_run.zero_parts = parts = zero_parts(engine, list(model.parameters()), zero_stage(trainer))
-    return parts.tensors, {"partition_group": parts.group}
+    return parts.parts, {"partition_group": parts.group}
 
 
 def deepspeed_backend(trainer: Any, engine: MultiStepAscent) -> DeepSpeedBackend:

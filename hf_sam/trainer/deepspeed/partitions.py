@@ -17,6 +17,9 @@ with fp32 parameters the partition is the master itself, back at w bit for bit b
 
 ZeRO-0 partitions nothing: its parts are the parameters and their all-reduced gradients.
 
+Each parts object holds ``parts`` (the tensors the engine perturbs, its ``params``) and ``owners`` (the model
+parameter each part belongs to), in the same order.
+
 The internals used (checked on DeepSpeed 0.19.8): ZeRO-1/2's ``_hp_mapping`` (each parameter's fragment
 in the rank's partition), ``parallel_partitioned_bit16_groups`` and ``all_gather_dp_groups``; ZeRO-3's
 ``ds_tensor``, its local gradient API and ``persistent_parameters``.
@@ -44,14 +47,14 @@ class ReplicatedParts:
     group = None
 
     def __init__(self, params: list[nn.Parameter]) -> None:
-        self.params = params
-        self.tensors = params
+        self.owners = params
+        self.parts = params
 
     def read_grads(self) -> list[Tensor | None]:
-        return [None if p.grad is None else p.grad.detach().clone() for p in self.params]
+        return [None if p.grad is None else p.grad.detach().clone() for p in self.owners]
 
     def write_grads(self, grads: list[Tensor | None]) -> None:
-        for p, g in zip(self.params, grads, strict=True):
+        for p, g in zip(self.owners, grads, strict=True):
             if g is not None:
                 p.grad = g
 
@@ -70,7 +73,7 @@ class Zero12Parts:
         if any(g is not groups[0] for g in groups):
             raise NotImplementedError("SAM under ZeRO-1/2 needs one data-parallel group for all parameter groups.")
         self.optimizer = optimizer
-        self.params = params
+        self.owners = params
         self.group = groups[0]
         rank = dist.get_rank(group=self.group)
         self._views: list[Tensor] = []
@@ -84,7 +87,7 @@ class Zero12Parts:
             partition = optimizer.parallel_partitioned_bit16_groups[mapping.param_group_index][rank]
             address = mapping.hp_fragment_address
             self._views.append(partition.narrow(0, address.start, address.numel))
-        self.tensors = [_part(v) for v in self._views]
+        self.parts = [_part(v) for v in self._views]
 
     def _grad_fragment(self, p: nn.Parameter) -> Tensor:
         mapping = p._hp_mapping
@@ -97,11 +100,11 @@ class Zero12Parts:
     def read_grads(self) -> list[Tensor | None]:
         return [
             part.new_empty(0) if p._hp_mapping is None else self._grad_fragment(p).to(part.dtype, copy=True)
-            for p, part in zip(self.params, self.tensors, strict=True)
+            for p, part in zip(self.owners, self.parts, strict=True)
         ]
 
     def write_grads(self, grads: list[Tensor | None]) -> None:
-        for p, g in zip(self.params, grads, strict=True):
+        for p, g in zip(self.owners, grads, strict=True):
             if p._hp_mapping is not None and g is not None:
                 fragment = self._grad_fragment(p)
                 fragment.copy_(g.view(-1))
@@ -121,7 +124,7 @@ class Zero12Parts:
 
     def check(self) -> None:
         """The parts still alias the partitions DeepSpeed all-gathers (it never reallocates them)."""
-        for part, view in zip(self.tensors, self._views, strict=True):
+        for part, view in zip(self.parts, self._views, strict=True):
             if part.numel() and part.data_ptr() != view.data_ptr():
                 raise RuntimeError("DeepSpeed moved its ZeRO-1/2 partitions: SAM's parts no longer alias them.")
 
@@ -131,7 +134,7 @@ class Zero3Parts:
 
     def __init__(self, optimizer: Any, params: list[nn.Parameter]) -> None:
         self.optimizer = optimizer
-        self.params = params
+        self.owners = params
         self.group = params[0].ds_process_group
         self._sizes: list[int] = []
         for p in params:
@@ -141,17 +144,17 @@ class Zero3Parts:
                 raise NotImplementedError("SAM under ZeRO-3 needs one data-parallel group for all parameters.")
             size = p.ds_tensor.ds_numel
             self._sizes.append(max(0, min(size, p.ds_numel - dist.get_rank(group=self.group) * size)))
-        self.tensors = [_part(p.ds_tensor.data.narrow(0, 0, n)) for p, n in zip(params, self._sizes, strict=True)]
+        self.parts = [_part(p.ds_tensor.data.narrow(0, 0, n)) for p, n in zip(params, self._sizes, strict=True)]
 
     def read_grads(self) -> list[Tensor | None]:
         grads = []
-        for p, n in zip(self.params, self._sizes, strict=True):
+        for p, n in zip(self.owners, self._sizes, strict=True):
             g = self.optimizer.get_local_fp32_grad_for_param(p)
             grads.append(g.view(-1).narrow(0, 0, n).to(torch.float32, copy=True))
         return grads
 
     def write_grads(self, grads: list[Tensor | None]) -> None:
-        for p, g in zip(self.params, grads, strict=True):
+        for p, g in zip(self.owners, grads, strict=True):
             if g is None:
                 continue
             padded = torch.zeros(p.ds_tensor.numel(), dtype=g.dtype, device=g.device)
@@ -166,7 +169,7 @@ class Zero3Parts:
             opt.persistent_parameters[0].all_gather(opt.persistent_parameters)
 
     def check(self) -> None:
-        for part, p in zip(self.tensors, self.params, strict=True):
+        for part, p in zip(self.parts, self.owners, strict=True):
             if part.numel() and part.data_ptr() != p.ds_tensor.data_ptr():
                 raise RuntimeError("DeepSpeed moved its ZeRO-3 partitions: SAM's parts no longer alias them.")
 
