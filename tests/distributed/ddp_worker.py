@@ -27,7 +27,11 @@ class Recorder(TrainerCallback):
 
 
 class SeeingTrainer(SAMTrainer):
-    """Records the micro-batches this rank trains on (the data, not the math) in ``seen``."""
+    """Records the micro-batches this rank trains on (the data, not the math) in ``seen``, its own."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.seen.append({k: v.detach().clone() for k, v in inputs.items()})
@@ -71,7 +75,6 @@ def run_job(out_dir, k, grad_accum, sync, descent="last", resume=False):
         **xsam,
     )
     trainer = SeeingTrainer(model=model, args=args, train_dataset=make_data(24, seed=4), callbacks=[rec])
-    trainer.seen = []
     trainer.train()
     return {
         "before": rec.before,
