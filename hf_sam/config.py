@@ -201,8 +201,7 @@ class SAMConfig(*reversed(_OPTION_BASES), _CoreKnobs):
         if self.ascent_steps == 0:
             for kind in active:
                 if chosen[kind].needs_ascent:
-                    variant = chosen[kind]
-                    fail(kind, variant.name, f"it needs {prefix}ascent_steps >= 1")
+                    fail(kind, chosen[kind].name, f"it needs {prefix}ascent_steps >= 1")
 
     def active_kinds(self) -> tuple[str, ...]:
         """The kinds whose chosen variant takes part in a step: all of them, but ``reuse`` only with
