@@ -103,7 +103,7 @@ CASES = [
 def test_family_matches_float64_reference(tmp_path, method, k, rule, adaptive):
     # both optimizers over the grid: SGD with momentum and AdamW alternate between neighbouring cases
     optimizer = "sgd" if (k + adaptive + ["normalized", "projected", "accumulated"].index(rule)) % 2 else "adamw"
-    steps = 4 if METHODS[method].get("sam_every_n_steps") else STEPS  # two full and two cheap steps
+    steps = 4 if METHODS[method].get("sam_every_n_steps") else STEPS  # two SAM steps and two one-pass steps
     run_and_compare(
         tmp_path, optimizer, steps=steps, sam_ascent_steps=k, sam_ascent_rule=rule, sam_adaptive=adaptive,
         **METHODS[method],

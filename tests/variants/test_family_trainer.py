@@ -54,7 +54,7 @@ def test_sam_logs_its_passes(tmp_path, k):
 
 RESUMABLE = {
     "friendly": {"sam_direction": "friendly", "sam_ascent_steps": 2},
-    # n = 3: step 2 (the first after the resume) is a cheap step that reuses the g_v saved at step 0
+    # n = 3: step 2 (the first after the resume) is a one-pass step that reuses the g_v saved at step 0
     "looksam": {"sam_every_n_steps": 3, "sam_reuse_alpha": 0.8, "sam_reuse_granularity": "tensor"},
     "rho-schedule": {"sam_descent": "gsam", "sam_rho_schedule": "lr", "sam_rho_min": 0.01,
                      "lr_scheduler_type": "cosine"},
